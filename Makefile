@@ -1,0 +1,91 @@
+# hvdinfer: build, test, demo, bench. Every target sets up what it needs from nothing.
+#   make demo    the main job, from scratch
+#   make test    install, unit tests, then the parallel tests under mpirun (one mpirun per file)
+#   make bench   side-by-side ratios (JSON + PNG under bench-out/)
+#   make install idempotent: apt MPI, .venv, pinned stack, Horovod 0.28.1 from source, hvdinfer
+
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+HVD := $(VENV)/bin/hvdinfer
+NP ?= 2
+# Horovod: root-safe, oversubscribe-safe mpirun for this 2-core machine and CI.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export OMPI_MCA_rmaps_base_oversubscribe := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONUNBUFFERED := 1
+# Local ranks inherit this environment; add -x VAR for multi-host runs (launch/run.sh does).
+MPIRUN := mpirun --oversubscribe --bind-to none
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider --color=no
+
+HOROVOD_BUILD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2
+
+.PHONY: install mpi test unit parallel integration demo bench clean doctor
+
+install: mpi $(VENV)/.stamp-hvdinfer
+
+# Debian's Open MPI, only when missing (dpkg -s is a fast local check).
+mpi:
+	@if ! dpkg -s openmpi-bin libopenmpi-dev >/dev/null 2>&1; then \
+		echo "installing Debian openmpi-bin libopenmpi-dev"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev >/dev/null; \
+	fi
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp-deps: requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Horovod is compiled against the TF in the venv; rebuilt only when that TF changes or it fails to load.
+$(VENV)/.stamp-horovod: $(VENV)/.stamp-deps
+	if $(PY) -c "import horovod, horovod.tensorflow as h; assert horovod.__version__ == '0.28.1'; assert h.mpi_built() and h.gloo_built()" 2>/dev/null; then \
+		echo "horovod 0.28.1 already built against this TF"; \
+	else \
+		echo "building horovod 0.28.1 from source (about 2-3 minutes)"; \
+		$(HOROVOD_BUILD_ENV) $(PY) -m pip install -q --no-build-isolation --no-cache-dir --force-reinstall --no-deps horovod==0.28.1; \
+	fi
+	touch $@
+
+$(VENV)/.stamp-hvdinfer: $(VENV)/.stamp-horovod setup.py
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+doctor: install
+	$(MPIRUN) -np $(NP) $(HVD) doctor
+
+unit: install
+	$(PYTEST) tests/unit
+
+# One mpirun per test file: size 1 under plain pytest first, then 2 ranks, then 3 where uneven shards matter.
+parallel: install
+	for f in tests/parallel/test_*.py; do \
+		echo "== $$f (size 1)"; $(PYTEST) $$f; \
+		echo "== $$f (mpirun -np 2)"; $(MPIRUN) -np 2 $(PYTEST) $$f; \
+		if grep -q "^NP3 = True" $$f; then echo "== $$f (mpirun -np 3)"; $(MPIRUN) -np 3 $(PYTEST) $$f; fi; \
+	done
+
+integration: install
+	$(PYTEST) tests/integration
+
+test: install
+	$(MAKE) --no-print-directory unit parallel integration
+
+demo: install
+	$(HVD) demo --np $(NP)
+
+bench: install
+	$(HVD) bench --np $(NP) --out bench-out
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info bench-out demo-out .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

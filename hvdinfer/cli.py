@@ -1,0 +1,92 @@
+"""The `hvdinfer` command: flags -> config -> one task. No logic of its own.
+
+Launch every rank the same way, for example
+
+    mpirun -np 2 --oversubscribe --bind-to none .venv/bin/hvdinfer doctor --selftest
+    horovodrun -np 2 .venv/bin/hvdinfer doctor --selftest
+    NP=2 launch/run.sh doctor --selftest
+
+Commands that orchestrate their own launches (`bench`, `demo`) run as a single process.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hvdinfer import runtime
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--threads", type=int, default=0,
+                   help="TF intra-op threads per rank (default: host cores / ranks on the host)")
+    g.add_argument("--inter-threads", type=int, default=0, help="TF inter-op threads per rank")
+    g.add_argument("--cycle-time-ms", type=float, default=0.0,
+                   help="Horovod background cycle time (default: Horovod's 1 ms; env HOROVOD_CYCLE_TIME wins)")
+    g.add_argument("--seed", type=int, default=0, help="seed for Python, NumPy and TF on every rank")
+
+
+def _runtime_config(args: argparse.Namespace) -> runtime.RuntimeConfig:
+    for flag in ("threads", "inter_threads"):
+        if getattr(args, flag) < 0:
+            raise runtime.JobError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.cycle_time_ms < 0:
+        raise runtime.JobError("--cycle-time-ms must be >= 0")
+    return runtime.RuntimeConfig(intra_op_threads=args.threads, inter_op_threads=args.inter_threads,
+                                 cycle_time_ms=args.cycle_time_ms, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hvdinfer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("doctor", help="versions, build flags, ranks; --selftest checks collectives")
+    p.add_argument("--selftest", action="store_true", help="verify allreduce/allgather/broadcast, time them")
+    p.add_argument("--selftest-fail-rank", type=int, default=None, metavar="R",
+                   help="rank R raises right after init (proves fail-fast)")
+    _add_runtime_flags(p)
+
+    p = sub.add_parser("bench", help="side-by-side throughput ratios (JSON + PNG)")
+    p.add_argument("which", nargs="?", default="runtime", choices=["runtime"])
+    p.add_argument("--np", type=int, default=2, help="ranks for the Horovod variants")
+    p.add_argument("--records", type=int, default=384)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--model-size", default="minilm-l6")
+    p.add_argument("--variants", default="keras,naive,naive+threads,naive+cycle20,naive+yield,hvdinfer")
+    p.add_argument("--out", type=Path, default=Path("bench-out"))
+
+    p = sub.add_parser("demo", help="the main job end to end on --np ranks")
+    p.add_argument("--np", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("demo-out"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return runtime.run_fail_fast(lambda: dispatch(args))
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "doctor":
+        from hvdinfer import doctor
+
+        return doctor.run(args.selftest, args.selftest_fail_rank, _runtime_config(args))
+    if args.command == "bench":
+        from hvdinfer import bench
+
+        if args.np < 1:
+            raise runtime.JobError("--np must be >= 1")
+        bench.bench_runtime(args.np, args.records, args.batch_size, args.seq, args.model_size, args.out,
+                            [v for v in args.variants.split(",") if v])
+        return 0
+    if args.command == "demo":
+        from hvdinfer import demo
+
+        return demo.run(args.np, args.out)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Process runtime for every hvdinfer job: Horovod init, per-rank threads, device pinning,
+coordinator logging, seeding and fail-fast.
+
+One job process per rank, launched for example with
+
+    mpirun -np 2 --oversubscribe --bind-to none .venv/bin/hvdinfer doctor --selftest
+    horovodrun -np 2 .venv/bin/hvdinfer doctor --selftest
+
+Why the defaults (measured on a 2-core host; `hvdinfer bench runtime` shows each piece):
+Horovod's background thread runs a negotiation round with its peers every HOROVOD_CYCLE_TIME
+(1 ms), even when no collective is pending. Under the MPI controller that round is a blocking MPI
+collective, and Open MPI waits in blocking calls by busy-polling: the rank that arrives first spins
+until its peer arrives. With ranks out of phase, each rank's background thread burns most of a core
+all job long, and two ranks on two cores compute at about half speed (0.46x one Keras process).
+The fix is where the spin happens: `init_runtime` asks Open MPI to yield the core while it waits
+(`OMPI_MCA_mpi_yield_when_idle=1`, read by MPI_Init), which restores full speed and keeps Horovod's
+1 ms cycle, so collectives stay as fast as before. (A long cycle time also hides the spin, but adds
+up to one cycle of latency to every collective; the Gloo controller does not spin.) Each rank also
+gets its share of the host's cores for TF's thread pools, so N ranks never run N x cores threads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import traceback
+from typing import Callable, NoReturn
+
+LOG = logging.getLogger("hvdinfer")
+
+# Horovod: env knobs read once by hvd.init(); a user's own setting always wins.
+STALL_WARNING_SECONDS = 60
+STALL_SHUTDOWN_SECONDS = 300
+
+
+class JobError(Exception):
+    """An error every rank detects identically (bad flags, bad input): the coordinator reports it.
+
+    Errors that may differ by rank should be plain exceptions: each failing rank reports its own.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How one rank's process is set up before any TensorFlow op runs."""
+
+    intra_op_threads: int = 0
+    """TF intra-op threads per rank; 0 = this host's cores divided by the ranks on it."""
+    inter_op_threads: int = 0
+    """TF inter-op threads per rank; 0 = 1 when sharing a host, else 2."""
+    cycle_time_ms: float = 0.0
+    """Horovod background-loop cycle (HOROVOD_CYCLE_TIME); 0 = Horovod's own (1 ms). Env wins."""
+    stall_shutdown_seconds: int = STALL_SHUTDOWN_SECONDS
+    """End the job when ranks disagree on collectives for this long (0 = never)."""
+    seed: int = 0
+    """Seed for Python, NumPy and TF; the same on every rank."""
+    tuned: bool = True
+    """False reproduces Horovod's and TF's defaults (the naive baseline in benchmarks)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """What a task needs to know about its place in the job."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    cross_size: int
+    intra_op_threads: int
+    inter_op_threads: int
+    device: str
+    controller: str
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+
+_RUNTIME: Runtime | None = None
+
+
+def launcher_rank() -> int:
+    """This process's rank as told by the launcher, before (or without) Horovod init."""
+    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def launcher_size() -> int:
+    for var in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def _launcher_local_size() -> int:
+    for var in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def host_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def thread_plan(config: RuntimeConfig, local_size: int, cores: int) -> tuple[int, int]:
+    """(intra, inter) TF threads for one rank: an even share of the host's cores per local rank."""
+    if not config.tuned:
+        return 0, 0  # TF's own default: every core, per process
+    share = max(1, cores // max(1, local_size))
+    intra = config.intra_op_threads or share
+    inter = config.inter_op_threads or (1 if local_size > 1 else 2)
+    return intra, inter
+
+
+def _set_horovod_env(config: RuntimeConfig) -> None:
+    # Horovod: read by hvd.init(); setdefault keeps whatever the user exported.
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(STALL_WARNING_SECONDS))
+    if config.stall_shutdown_seconds:
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(config.stall_shutdown_seconds))
+    if config.cycle_time_ms:
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", f"{config.cycle_time_ms:g}")
+    if config.tuned:
+        # Open MPI: yield the core while waiting in a blocking call instead of spinning on it.
+        os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+
+
+def init_runtime(config: RuntimeConfig | None = None) -> Runtime:
+    """Initialise Horovod and TensorFlow for this rank. Idempotent; returns the same Runtime."""
+    global _RUNTIME
+    if _RUNTIME is not None:
+        return _RUNTIME
+    config = config or RuntimeConfig()
+    _set_horovod_env(config)
+    cores = host_cores()
+    intra, inter = thread_plan(config, _launcher_local_size(), cores)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    import tensorflow as tf
+    import horovod.tensorflow as hvd
+
+    # TF: thread pools are fixed at the first op, so set them before anything else touches TF.
+    if intra:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    hvd.init()
+    # init may have learnt a local size the launcher did not export (e.g. a plain mpirun).
+    if config.tuned and hvd.local_size() != _launcher_local_size() and not config.intra_op_threads:
+        intra, inter = thread_plan(config, hvd.local_size(), cores)
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+
+    device = _pin_device(tf, hvd.local_rank())
+    seed_everything(config.seed)
+    _RUNTIME = Runtime(
+        rank=hvd.rank(),
+        size=hvd.size(),
+        local_rank=hvd.local_rank(),
+        local_size=hvd.local_size(),
+        cross_size=hvd.cross_size(),
+        intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
+        device=device,
+        controller="mpi" if hvd.mpi_enabled() else "gloo",
+    )
+    setup_logging(_RUNTIME.rank)
+    return _RUNTIME
+
+
+def _pin_device(tf, local_rank: int) -> str:
+    """Horovod: one GPU per local rank when GPUs exist; CPU otherwise."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "/CPU:0"
+    gpu = gpus[local_rank % len(gpus)]
+    tf.config.set_visible_devices(gpu, "GPU")
+    tf.config.experimental.set_memory_growth(gpu, True)
+    return "/GPU:0"  # the only visible GPU of this process
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import tensorflow as tf
+
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)
+
+
+class _RankFormatter(logging.Formatter):
+    def __init__(self, rank: int):
+        super().__init__(f"[%(asctime)s rank {rank}] %(message)s", datefmt="%H:%M:%S")
+
+
+def setup_logging(rank: int, verbose: bool = False) -> None:
+    """The coordinator logs at INFO; other ranks only say WARNING and worse."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RankFormatter(rank))
+    LOG.handlers[:] = [handler]
+    LOG.propagate = False
+    LOG.setLevel(logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
+
+
+def failure_line(exc: BaseException, rank: int, size: int) -> str:
+    """One line naming the failing rank, the exception type and its message."""
+    message = str(exc).strip().replace("\n", " | ") or "(no message)"
+    if isinstance(exc, JobError):
+        return f"hvdinfer: error: {message}"
+    return f"hvdinfer: rank {rank} of {size} failed: {type(exc).__name__}: {message}"
+
+
+def abort_job(exc: BaseException, code: int = 1) -> NoReturn:
+    """Report `exc` once and end this rank at once, which makes the launcher end every rank.
+
+    os._exit skips Horovod's shutdown (it would wait on peers that may be blocked in a collective);
+    mpirun and horovodrun both tear the whole job down when one rank exits non-zero.
+    """
+    rank, size = (_RUNTIME.rank, _RUNTIME.size) if _RUNTIME else (launcher_rank(), launcher_size())
+    if not isinstance(exc, JobError) or rank == 0:
+        if os.environ.get("HVDINFER_DEBUG"):
+            traceback.print_exception(exc, file=sys.stderr)
+        print(failure_line(exc, rank, size), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def run_fail_fast(main: Callable[[], int | None]) -> int:
+    """Run `main`; any exception on any rank ends the whole job quickly with that rank's message."""
+    try:
+        return main() or 0
+    except KeyboardInterrupt as exc:
+        abort_job(exc, 130)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise
+        if isinstance(exc.code, str):
+            abort_job(JobError(exc.code))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code)  # argparse and friends have already said why
+    except BaseException as exc:  # noqa: BLE001 - the whole point is to catch everything
+        abort_job(exc)
+
+
+def hostname() -> str:
+    return socket.gethostname()
