@@ -37,6 +37,12 @@ def _runtime_config(args: argparse.Namespace) -> runtime.RuntimeConfig:
                                  cycle_time_ms=args.cycle_time_ms, seed=args.seed)
 
 
+def infer_choices(name: str) -> tuple[str, ...]:
+    from hvdinfer.tasks import infer
+
+    return getattr(infer, name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hvdinfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,10 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank R raises right after init (proves fail-fast)")
     _add_runtime_flags(p)
 
+    p = sub.add_parser("infer", help="distributed batch inference, results in input order")
+    p.add_argument("--model", required=True, help="model id (minilm-l6) or a saved model directory")
+    p.add_argument("--input", required=True, type=Path, help="JSONL, CSV/TSV with a header, or text lines")
+    p.add_argument("--output", required=True, type=Path, help=".jsonl (one line per record) or .npy")
+    p.add_argument("--task", default="embed", choices=infer_choices("TASKS"))
+    p.add_argument("--batch-size", type=int, default=64, help="records per forward pass, per rank")
+    p.add_argument("--max-length", type=int, default=0, help="tokens per text (default: the model's)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--input-format", default=None, choices=["jsonl", "csv", "tsv", "text"])
+    p.add_argument("--on-error", default="fail", choices=infer_choices("ON_ERROR"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--metrics-json", type=Path, default=None, help="also write the job summary here")
+    p.add_argument("--precision", default="fp32", choices=infer_choices("PRECISIONS"),
+                   help="bf16: bfloat16 compute, float32 output (within cosine 0.999 of fp32)")
+    _add_runtime_flags(p)
+
     p = sub.add_parser("bench", help="side-by-side throughput ratios (JSON + PNG)")
-    p.add_argument("which", nargs="?", default="runtime", choices=["runtime"])
+    p.add_argument("which", nargs="?", default="all", choices=["all", "runtime", "infer"])
     p.add_argument("--np", type=int, default=2, help="ranks for the Horovod variants")
-    p.add_argument("--records", type=int, default=384)
+    p.add_argument("--records", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--model-size", default="minilm-l6")
@@ -73,13 +96,26 @@ def dispatch(args: argparse.Namespace) -> int:
         from hvdinfer import doctor
 
         return doctor.run(args.selftest, args.selftest_fail_rank, _runtime_config(args))
+    if args.command == "infer":
+        from hvdinfer.tasks import infer
+
+        cfg = infer.InferConfig(model=args.model, input=args.input, output=args.output, task=args.task,
+                                batch_size=args.batch_size, max_length=args.max_length, text_field=args.text_field,
+                                id_field=args.id_field, input_format=args.input_format, on_error=args.on_error,
+                                quiet=args.quiet, precision=args.precision,
+                                metrics_json=args.metrics_json)
+        infer.run(cfg, _runtime_config(args))
+        return 0
     if args.command == "bench":
         from hvdinfer import bench
 
         if args.np < 1:
             raise runtime.JobError("--np must be >= 1")
-        bench.bench_runtime(args.np, args.records, args.batch_size, args.seq, args.model_size, args.out,
-                            [v for v in args.variants.split(",") if v])
+        if args.which in ("all", "runtime"):
+            bench.bench_runtime(args.np, args.records, args.batch_size, args.seq, args.model_size, args.out,
+                                [v for v in args.variants.split(",") if v])
+        if args.which in ("all", "infer"):
+            bench.bench_infer(args.np, args.records, args.batch_size, args.seq, args.out)
         return 0
     if args.command == "demo":
         from hvdinfer import demo

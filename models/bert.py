@@ -182,7 +182,8 @@ class SentenceEmbedder(keras.Model):
         super().__init__(**kwargs)
         self.config = config
         self.encoder = BertEncoder(config, name="encoder")
-        self.pool = MeanPool(normalize, name="pool")
+        # Pooling and normalisation always in float32, whatever the compute precision of the encoder.
+        self.pool = MeanPool(normalize, name="pool", dtype="float32")
 
     def call(self, inputs):
         return self.pool(self.encoder(inputs), inputs["attention_mask"])

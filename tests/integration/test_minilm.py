@@ -79,3 +79,22 @@ def test_similar_sentences_are_closer(minilm):
     # Unit vectors: the dot product is the cosine.
     assert food @ bread > 0.5 > food @ stocks
     assert food @ bread > food @ stocks + 0.3
+
+
+def test_bf16_compute_stays_within_cosine_0999_of_fp32(minilm):
+    import tensorflow as tf
+
+    path, model, tokenizer, _ = minilm
+    batch = tokenizer.encode_batch(SENTENCES)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    fp32 = model(inputs).numpy()
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        bf16_model = loading.load_sentence_embedder(path)[0]
+        assert bf16_model.encoder.blocks[0].compute_dtype == "bfloat16"
+        bf16 = bf16_model(inputs).numpy()
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert bf16.dtype == np.float32
+    cosine = np.sum(fp32 * bf16, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() >= 0.999, cosine

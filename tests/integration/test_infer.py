@@ -1,0 +1,146 @@
+"""`hvdinfer infer` end to end under mpirun on a generated debug-size model directory:
+input order, N-invariance, .npy output, and every bad-input case (fail and skip)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import tiny
+
+HVDINFER = str(Path(sys.executable).with_name("hvdinfer"))
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", TF_CPP_MIN_LOG_LEVEL="2")
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "dogs", "run", "zebra"]
+
+
+def infer(np_, *args, timeout=120):
+    cmd = ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", HVDINFER, "infer", *map(str, args)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc.seconds = time.monotonic() - start
+    proc.all = proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny.write_model_dir(tmp_path_factory.mktemp("model") / "m", tiny.random_model(3), max_seq_length=16)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(1, 25))) for _ in range(23)]
+
+
+@pytest.fixture(scope="module")
+def good_input(tmp_path_factory, texts):
+    path = tmp_path_factory.mktemp("in") / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def reference(model_dir, texts):
+    """Each text alone, unpadded, through the loaded Keras model: what every N must reproduce."""
+    from models import loading
+
+    model, tokenizer, info = loading.load_sentence_embedder(model_dir)
+    out = []
+    for text in texts:
+        enc = tokenizer.encode_batch([text])
+        out.append(model({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}).numpy()[0])
+    return np.stack(out)
+
+
+def truncated_count(model_dir, texts):
+    from models import loading
+
+    return int(loading.load_sentence_embedder(model_dir)[1].encode_batch(texts).truncated.sum())
+
+
+def test_results_are_complete_ordered_and_the_same_for_any_number_of_ranks(tmp_path, model_dir, good_input, texts):
+    want = reference(model_dir, texts)
+    truncated = truncated_count(model_dir, texts)
+    assert 0 < truncated < len(texts)
+    for np_ in (1, 2, 3):
+        out = tmp_path / f"out{np_}.jsonl"
+        proc = infer(np_, "--model", model_dir, "--input", good_input, "--output", out, "--batch-size", 4)
+        assert proc.returncode == 0, proc.all
+        rows = read_jsonl(out)
+        assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(texts))]
+        got = np.array([r["embedding"] for r in rows])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert f"ok {len(texts)}, skipped 0, truncated {truncated}" in proc.stdout
+        assert proc.stdout.count("infer:") == 1  # only the coordinator reports
+
+
+def test_npy_output_and_plain_text_input(tmp_path, model_dir, texts):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(texts) + "\n")
+    proc = infer(2, "--model", model_dir, "--input", src, "--output", tmp_path / "e.npy", "--quiet")
+    assert proc.returncode == 0, proc.all
+    assert proc.stdout == ""
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), reference(model_dir, texts), atol=1e-5)
+
+
+BAD_INPUTS = [
+    # name, file name, content, expected message (format with {path})
+    ("malformed json", "in.jsonl", b'{"text": "the cat"}\n{"text": "a dog"\n', "{path}:2: malformed JSON"),
+    ("missing field", "in.jsonl", b'{"text": "the cat"}\n{"body": "a dog"}\n', "{path}:2: field 'text': missing"),
+    ("empty text", "in.csv", b'id,text\n1,the cat\n2,"  "\n', "{path}:3: field 'text': empty text"),
+    ("invalid utf-8", "in.txt", b"the cat\n\xff\xfe dog\n", "{path}:2: invalid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("name, filename, content, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_record_fails_the_job_with_file_line_field_and_no_output(tmp_path, model_dir, name, filename,
+                                                                      content, message):
+    src = tmp_path / filename
+    src.write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    proc = infer(2, "--model", model_dir, "--input", src, "--output", out)
+    assert proc.returncode != 0
+    assert proc.seconds < 30
+    expected = "hvdinfer: error: " + message.format(path=src)
+    assert proc.all.count(expected) == 1, proc.all
+    assert "Traceback" not in proc.all
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+@pytest.mark.parametrize("name, filename, content, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_skip_keeps_bad_records_in_place_and_computes_the_rest(tmp_path, model_dir, name, filename, content, message):
+    src = tmp_path / filename
+    src.write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    proc = infer(2, "--model", model_dir, "--input", src, "--output", out, "--on-error", "skip")
+    assert proc.returncode == 0, proc.all
+    rows = read_jsonl(out)
+    assert len(rows) == 2
+    assert "embedding" in rows[0] and rows[1]["error"].startswith(message.format(path=src))
+    assert rows[1]["id"] in (1, "2")  # the record index, or the CSV id column
+    np.testing.assert_allclose(rows[0]["embedding"], reference(model_dir, ["the cat"])[0], atol=1e-5)
+    assert "ok 1, skipped 1, truncated 0" in proc.stdout
+
+
+def test_missing_input_file_and_unreadable_model(tmp_path, model_dir, good_input):
+    proc = infer(2, "--model", model_dir, "--input", tmp_path / "nope.jsonl", "--output", tmp_path / "o.jsonl")
+    assert proc.returncode != 0 and proc.all.count(f"hvdinfer: error: {tmp_path / 'nope.jsonl'}: no such input file") == 1
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    proc = infer(2, "--model", broken, "--input", good_input, "--output", tmp_path / "o.jsonl")
+    assert proc.returncode != 0
+    assert proc.all.count(f"hvdinfer: error: --model {broken}: cannot load model: {broken / 'config.json'}: not valid JSON") == 1, proc.all
+
+    proc = infer(1, "--model", "no-such-model", "--input", good_input, "--output", tmp_path / "o.jsonl")
+    assert proc.returncode != 0 and "not a known model id (minilm-l6) nor a model directory" in proc.all
+    assert not (tmp_path / "o.jsonl").exists()
