@@ -47,8 +47,9 @@ def mpirun_prefix(np_: int) -> list[str]:
     exe = shutil.which("mpirun")
     if exe is None:
         raise RuntimeError("mpirun not found: run `make install`")
-    return [exe, "-np", str(np_), "--oversubscribe", "--bind-to", "none",
-            "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL"]
+    forward = [arg for var in ("PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL", "HVDINFER_CACHE") if var in os.environ
+               for arg in ("-x", var)]
+    return [exe, "-np", str(np_), "--oversubscribe", "--bind-to", "none", *forward]
 
 
 def run_variant(name: str, np_: int, records: int, batch: int, seq: int, model_size: str,

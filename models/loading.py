@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from models import bert, weights
+from models import bert, heads, weights
 from models.tokenizer import Tokenizer
 
 TRANSFORMER = "sentence_transformers.models.Transformer"
@@ -92,3 +92,11 @@ def load_sentence_embedder(model_dir: str | os.PathLike) -> tuple[bert.SentenceE
     weights.load_weights(model, info.model_dir / "model.safetensors")
     tokenizer = Tokenizer.from_file(info.model_dir / "tokenizer.json", info.max_seq_length)
     return model, tokenizer, info
+
+
+def load_classifier(model_dir: str | os.PathLike) -> tuple[heads.TextClassifier, Tokenizer, EmbedderInfo]:
+    """The embedder of `model_dir` with its classifier head (classifier.json + classifier.safetensors)."""
+    if not heads.has_head(model_dir):
+        raise ValueError(f"{model_dir}: no {heads.HEAD_CONFIG}: this model has no classifier head")
+    embedder, tokenizer, info = load_sentence_embedder(model_dir)
+    return heads.load_head(embedder, info.model_dir), tokenizer, info

@@ -93,7 +93,7 @@ def load_model(cfg: InferConfig) -> Loaded:
     """Resolve the model id or directory and load it, or raise a JobError that says why."""
     import tensorflow as tf
 
-    from models import loading
+    from models import heads, loading
 
     # Keras: the policy must be in force when the layers are built; variables stay float32.
     tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if cfg.precision == "bf16" else "float32")
@@ -104,16 +104,18 @@ def load_model(cfg: InferConfig) -> Loaded:
     if not model_dir.is_dir():
         raise JobError(f"--model {cfg.model}: not a known model id ({', '.join(assets.ASSETS)}) "
                        f"nor a model directory")
+    if cfg.task == "classify" and not heads.has_head(model_dir):
+        raise JobError(f"--model {cfg.model}: has no classifier head ({heads.HEAD_CONFIG}); "
+                       f"fine-tune one with `hvdinfer finetune` or use --task embed")
+    load = loading.load_classifier if cfg.task == "classify" else loading.load_sentence_embedder
     try:
-        model, tokenizer, info = loading.load_sentence_embedder(model_dir)
+        model, tokenizer, info = load(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise JobError(f"--model {cfg.model}: cannot load model: {exc}") from None
-    if cfg.task == "classify":
-        raise JobError(f"--model {cfg.model}: has no classifier head; fine-tune one with `hvdinfer finetune`")
     max_length = cfg.max_length or info.max_seq_length
     if max_length > info.config.max_position:
         raise JobError(f"--max-length {max_length} exceeds the model's {info.config.max_position} positions")
-    return Loaded(model, tokenizer, max_length, None)
+    return Loaded(model, tokenizer, max_length, getattr(model, "labels", None))
 
 
 def read_input(cfg: InferConfig) -> readers.ReadReport:
@@ -136,13 +138,16 @@ def shard_good_records(good: list[readers.Record], size: int, rank: int) -> np.n
 
 @functools.lru_cache(maxsize=4)
 def compiled_forward(model):
+    """One traced function for every batch shape: embeddings, or class probabilities for a classifier."""
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, None], tf.int32)
+    probabilities = getattr(model, "labels", None) is not None
 
     @tf.function(input_signature=[spec, spec])
     def forward(input_ids, attention_mask):
-        return model({"input_ids": input_ids, "attention_mask": attention_mask}, training=False)
+        out = model({"input_ids": input_ids, "attention_mask": attention_mask}, training=False)
+        return tf.nn.softmax(out, axis=-1) if probabilities else out
 
     return forward
 
@@ -153,13 +158,13 @@ def warm_up(loaded: Loaded) -> None:
     compiled_forward(loaded.model)(ids, np.ones_like(ids))
 
 
-def embed_shard(loaded: Loaded, texts: list[str], positions: np.ndarray, batch_size: int,
-                progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(positions, embeddings, truncated) of this rank's records, in the order they were computed."""
+def run_shard(loaded: Loaded, texts: list[str], positions: np.ndarray, batch_size: int,
+              progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions, outputs, truncated) of this rank's records, in the order they were computed."""
     ids, truncated = loaded.tokenizer.encode_ids(texts, loaded.max_length)
     batches = batching.make_batches(np.arange(len(texts)), ids, batch_size, pad_id=loaded.tokenizer.pad_id)
     forward = compiled_forward(loaded.model)
-    width = loaded.model.config.hidden_size
+    width = len(loaded.labels) if loaded.labels else loaded.model.config.hidden_size
     outputs, order = [], []
     for batch in batches:
         outputs.append(forward(batch.input_ids, batch.attention_mask).numpy())
@@ -191,24 +196,31 @@ class Progress:
             self.bar.close()
 
 
-def output_rows(records: list[readers.Record], good_embeddings: np.ndarray, task: str) -> list[dict]:
+def output_rows(records: list[readers.Record], outputs: np.ndarray, labels: list[str] | None) -> list[dict]:
+    """One row per input record, in input order: an embedding, a label with scores, or the error."""
     rows, g = [], 0
     for record in records:
-        if record.ok:
-            rows.append({"id": record.id, "embedding": good_embeddings[g].tolist()})
-            g += 1
-        else:
+        if not record.ok:
             rows.append({"id": record.id, "error": record.error})
+            continue
+        if labels:
+            probs = outputs[g]
+            rows.append({"id": record.id, "label": labels[int(np.argmax(probs))],
+                         "scores": {label: float(p) for label, p in zip(labels, probs)}})
+        else:
+            rows.append({"id": record.id, "embedding": outputs[g].tolist()})
+        g += 1
     return rows
 
 
-def write_output(cfg: InferConfig, records: list[readers.Record], embeddings: np.ndarray) -> None:
+def write_output(cfg: InferConfig, records: list[readers.Record], embeddings: np.ndarray,
+                 labels: list[str] | None) -> None:
     if cfg.output.suffix == ".npy":
         full = np.full((len(records), embeddings.shape[1]), np.nan, np.float32)
         full[[r.index for r in records if r.ok]] = embeddings
         output.write_npy(cfg.output, full)
     else:
-        output.write_jsonl(cfg.output, output_rows(records, embeddings, cfg.task))
+        output.write_jsonl(cfg.output, output_rows(records, embeddings, labels))
 
 
 def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
@@ -225,10 +237,10 @@ def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     warm_up(loaded)
     collect.allgather_json(0)  # Horovod: start the clock together
     compute_start = time.perf_counter()
-    done, emb, truncated = embed_shard(loaded, [good[p].text for p in positions], positions, cfg.batch_size,
+    done, outputs, truncated = run_shard(loaded, [good[p].text for p in positions], positions, cfg.batch_size,
                                        progress)
     progress.close()
-    result = collect.collect_ordered(done, {"embedding": emb, "truncated": truncated}, expected_total=len(good))
+    result = collect.collect_ordered(done, {"output": outputs, "truncated": truncated}, expected_total=len(good))
     seconds = time.perf_counter() - compute_start
 
     summary = {"records": len(report.records), "ok": len(good), "skipped": len(report.errors),
@@ -236,7 +248,7 @@ def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
                "compute_seconds": seconds, "records_per_s": len(good) / seconds if seconds else 0.0,
                "total_seconds": time.perf_counter() - start, "output": str(cfg.output)}
     if rt.is_coordinator:
-        write_output(cfg, report.records, result["embedding"])
+        write_output(cfg, report.records, result["output"], loaded.labels)
         if cfg.metrics_json:
             output.write_json(cfg.metrics_json, summary)
         if not cfg.quiet:

@@ -144,3 +144,46 @@ def test_missing_input_file_and_unreadable_model(tmp_path, model_dir, good_input
     proc = infer(1, "--model", "no-such-model", "--input", good_input, "--output", tmp_path / "o.jsonl")
     assert proc.returncode != 0 and "not a known model id (minilm-l6) nor a model directory" in proc.all
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    from models import heads
+
+    path = tiny.write_model_dir(tmp_path_factory.mktemp("clf") / "m", tiny.random_model(5), max_seq_length=16)
+    model = heads.TextClassifier(tiny.random_model(5), ["neg", "neutral", "pos"])
+    from models import bert
+
+    bert.build(model)
+    rng = np.random.default_rng(1)
+    model.classifier.kernel.assign(rng.normal(0, 3.0, model.classifier.kernel.shape).astype(np.float32))
+    heads.save_head(model, path)
+    return path
+
+
+def test_classify_gives_label_and_scores_in_order_for_any_ranks(tmp_path, classifier_dir, good_input, texts):
+    from models import loading
+
+    model, tokenizer, _ = loading.load_classifier(classifier_dir)
+    want = []
+    for text in texts:
+        enc = tokenizer.encode_batch([text])
+        logits = model({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}).numpy()[0]
+        want.append(np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())
+    want = np.array(want)
+    assert len(set(np.argmax(want, 1).tolist())) > 1  # the check below means something
+    for np_ in (1, 3):
+        out = tmp_path / f"c{np_}.jsonl"
+        proc = infer(np_, "--model", classifier_dir, "--task", "classify", "--input", good_input, "--output", out)
+        assert proc.returncode == 0, proc.all
+        rows = read_jsonl(out)
+        assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(texts))]
+        scores = np.array([[r["scores"][l] for l in ("neg", "neutral", "pos")] for r in rows])
+        np.testing.assert_allclose(scores, want, atol=1e-5)
+        assert [r["label"] for r in rows] == [["neg", "neutral", "pos"][i] for i in np.argmax(want, 1)]
+
+
+def test_classify_needs_a_head(tmp_path, model_dir, good_input):
+    proc = infer(1, "--model", model_dir, "--task", "classify", "--input", good_input, "--output", tmp_path / "o.jsonl")
+    assert proc.returncode != 0
+    assert "has no classifier head (classifier.json)" in proc.all
