@@ -191,6 +191,42 @@ def bench_infer(np_: int, records: int, batch: int, seq: int, out: Path) -> dict
     return report
 
 
+TRAIN_VARIANTS = {
+    # name: (ranks, worker flags): one thread per rank for the scaling pair, all cores for Keras.
+    "keras-fit": (1, ["--mode", "keras-fit"]),
+    "hvdinfer-1rank": (1, ["--mode", "train", "--threads", "1"]),
+    "hvdinfer-2rank": (2, ["--mode", "train", "--threads", "1"]),
+}
+
+
+def bench_finetune(steps: int, batch: int, seq: int, out: Path) -> dict:
+    """Fine-tuning samples/s: 2 ranks vs 1 rank (one thread each) and vs Keras fit on all cores."""
+    results = {}
+    for name, (ranks, flags) in TRAIN_VARIANTS.items():
+        print(f"running {name} ...", flush=True)
+        cmd = [sys.executable, "-m", "hvdinfer.bench", "worker", *flags, "--records", str(steps),
+               "--batch", str(batch), "--seq", str(seq), "--model-size", "minilm-l6"]
+        if name != "keras-fit":
+            cmd = mpirun_prefix(ranks) + cmd
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMPI_ALLOW_RUN_AS_ROOT="1",
+                   OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"bench variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        results[name] = {**json.loads(lines[-1]), "ranks": ranks, "variant": name}
+        print(f"  {name:15s} {results[name]['records_per_s']:8.2f} samples/s", flush=True)
+    ratios = {"2rank/1rank": results["hvdinfer-2rank"]["records_per_s"] / results["hvdinfer-1rank"]["records_per_s"],
+              "2rank/keras-fit": results["hvdinfer-2rank"]["records_per_s"] / results["keras-fit"]["records_per_s"]}
+    print("ratios:")
+    for key, value in ratios.items():
+        print(f"  {key:18s} {value:.2f}x")
+    report = {"bench": "finetune", "np": 2, "records": steps, "batch": batch, "seq": seq, "model_size": "minilm-l6",
+              "cores": os.cpu_count(), "results": results, "ratios": ratios}
+    write_report(report, out, "finetune")
+    return report
+
+
 def write_report(report: dict, out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
@@ -229,6 +265,8 @@ def _workload(records: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
 
 
 def worker(args: argparse.Namespace) -> int:
+    if args.mode in ("train", "keras-fit"):
+        return _worker_train(args)
     if args.mode == "keras":
         return _worker_keras(args)
     if args.mode == "naive":
@@ -315,11 +353,55 @@ def _worker_hvdinfer(args) -> int:
     return 0
 
 
+def _worker_train(args) -> int:
+    """`args.records` optimizer steps of `args.batch` fixed-length records per rank (after 2 warm-up steps)."""
+    import tensorflow as tf
+
+    from models import bert, heads, registry
+
+    distributed = args.mode == "train"
+    if distributed:
+        from hvdinfer import runtime
+        from hvdinfer.parallel import data_parallel
+
+        rt = runtime.init_runtime(runtime.RuntimeConfig(intra_op_threads=args.threads, inter_op_threads=1))
+        size, rank = rt.size, rt.rank
+    else:
+        size, rank = 1, 0
+    tf.keras.utils.set_random_seed(0)
+    model = bert.build(heads.TextClassifier(bert.SentenceEmbedder(registry.size(args.model_size)), ["a", "b"]))
+    optimizer = tf.keras.optimizers.AdamW(1e-5)
+    callbacks = []
+    if distributed:
+        optimizer, callbacks = data_parallel.apply_data_parallel(optimizer)
+    model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    data = _workload(args.batch, args.seq, model.config.vocab_size)
+    labels = np.arange(args.batch) % 2
+
+    def batches():
+        while True:
+            yield data, labels
+
+    class Clock(tf.keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                self.start = time.perf_counter()
+
+    clock = Clock()
+    model.fit(batches(), steps_per_epoch=args.records + 2, epochs=1, verbose=0, callbacks=callbacks + [clock])
+    seconds = time.perf_counter() - clock.start
+    if rank == 0:
+        print(json.dumps({"seconds": seconds, "records_per_s": args.records * args.batch * size / seconds,
+                          "steps": args.records, "batch_per_rank": args.batch}), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hvdinfer.bench")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker")
-    w.add_argument("--mode", choices=["keras", "naive", "hvdinfer"], required=True)
+    w.add_argument("--mode", choices=["keras", "naive", "hvdinfer", "train", "keras-fit"], required=True)
+    w.add_argument("--threads", type=int, default=0, help="train: TF intra-op threads per rank")
     w.add_argument("--split-threads", action="store_true")
     w.add_argument("--intra", type=int, default=0, help="with --split-threads: override intra-op threads")
     w.add_argument("--inter", type=int, default=0, help="with --split-threads: override inter-op threads")

@@ -70,8 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: bfloat16 compute, float32 output (within cosine 0.999 of fp32)")
     _add_runtime_flags(p)
 
+    p = sub.add_parser("finetune", help="data-parallel fine-tuning (hvd.DistributedOptimizer), exact resume")
+    p.add_argument("--model", required=True, help="base model id (minilm-l6) or model directory")
+    p.add_argument("--task", default="classify", choices=["classify"])
+    p.add_argument("--train", required=True, type=Path)
+    p.add_argument("--eval", required=True, type=Path)
+    p.add_argument("--output-dir", required=True, type=Path)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16, help="per rank")
+    p.add_argument("--lr", type=float, default=3e-5, help="base rate for one rank; scaled by ranks")
+    p.add_argument("--no-lr-scaling", action="store_true", help="do not multiply --lr by the number of ranks")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    _add_runtime_flags(p)
+
     p = sub.add_parser("bench", help="side-by-side throughput ratios (JSON + PNG)")
-    p.add_argument("which", nargs="?", default="all", choices=["all", "runtime", "infer"])
+    p.add_argument("which", nargs="?", default="all", choices=["all", "runtime", "infer", "finetune"])
     p.add_argument("--np", type=int, default=2, help="ranks for the Horovod variants")
     p.add_argument("--records", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -82,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job end to end on --np ranks")
     p.add_argument("--np", type=int, default=2)
+    p.add_argument("--story", default="finetune", choices=["finetune", "embed"],
+                   help="finetune: fine-tune + classify held-out reviews; embed: embeddings + neighbours")
     p.add_argument("--out", type=Path, default=Path("demo-out"))
     return parser
 
@@ -106,6 +128,21 @@ def dispatch(args: argparse.Namespace) -> int:
                                 metrics_json=args.metrics_json)
         infer.run(cfg, _runtime_config(args))
         return 0
+    if args.command == "finetune":
+        from hvdinfer.tasks import finetune
+
+        cfg = finetune.FinetuneConfig(
+            model=args.model, task=args.task, train=args.train, eval=args.eval, output_dir=args.output_dir,
+            text_field=args.text_field, label_field=args.label_field, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, no_lr_scaling=args.no_lr_scaling, warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay, dropout=args.dropout, max_length=args.max_length, seed=args.seed,
+            resume=args.resume, precision=args.precision)
+        summary = finetune.run(cfg, _runtime_config(args))
+        if runtime.init_runtime().is_coordinator:
+            print(f"finetune: {summary['epochs']} epochs on {summary['ranks']} rank(s) in {summary['seconds']:.1f} s "
+                  f"({summary['samples_per_s']:.1f} samples/s); eval accuracy {summary['eval_accuracy']}, "
+                  f"macro-F1 {summary['eval_macro_f1']}", flush=True)
+        return 0
     if args.command == "bench":
         from hvdinfer import bench
 
@@ -116,11 +153,13 @@ def dispatch(args: argparse.Namespace) -> int:
                                 [v for v in args.variants.split(",") if v])
         if args.which in ("all", "infer"):
             bench.bench_infer(args.np, args.records, args.batch_size, args.seq, args.out)
+        if args.which in ("all", "finetune"):
+            bench.bench_finetune(steps=12, batch=16, seq=64, out=args.out)
         return 0
     if args.command == "demo":
         from hvdinfer import demo
 
-        return demo.run(args.np, args.out)
+        return demo.run(args.np, args.out, args.story)
     raise AssertionError(args.command)
 
 

@@ -108,3 +108,14 @@ def collect_ordered(indices: Sequence[int] | np.ndarray, payload: Payload,
             blobs = _allgather_blobs([json.dumps(r).encode("utf-8") for r in value])
             out[name] = [json.loads(blobs[i]) for i in order]
     return out
+
+
+def allreduce_sum(array: np.ndarray) -> np.ndarray:
+    """Element-wise sum of `array` over all ranks (same shape everywhere), e.g. confusion counts."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    array = np.asarray(array)
+    # Horovod: float64 keeps integer counts exact far beyond any eval set.
+    total = hvd.allreduce(tf.convert_to_tensor(array.astype(np.float64)), op=hvd.Sum).numpy()
+    return total.astype(array.dtype) if array.dtype.kind in "iu" else total

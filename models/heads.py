@@ -22,10 +22,36 @@ HEAD_CONFIG = "classifier.json"
 HEAD_WEIGHTS = "classifier.safetensors"
 
 
+@keras.utils.register_keras_serializable("hvdinfer")
+class StatelessDropout(keras.layers.Layer):
+    """Dropout whose mask is a pure function of (seed, call counter): a resumed run draws exactly the
+    masks an uninterrupted one would, because the counter is a weight saved with the checkpoint."""
+
+    def __init__(self, rate: float, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+        self.seed = seed
+
+    def build(self, input_shape):
+        self.counter = self.add_weight("counter", shape=(), dtype=tf.int64, trainable=False,
+                                       initializer="zeros")
+
+    def call(self, x, training=False):
+        if not training or self.rate == 0:
+            return x
+        self.counter.assign_add(1)
+        keep = tf.random.stateless_uniform(tf.shape(x), seed=tf.stack([tf.cast(self.seed, tf.int64), self.counter]))
+        return tf.where(keep >= self.rate, x / (1.0 - self.rate), tf.zeros_like(x))
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
 class TextClassifier(keras.Model):
     """input_ids, attention_mask -> (batch, labels) logits in float32."""
 
-    def __init__(self, embedder: bert.SentenceEmbedder, labels: list[str], dropout: float = 0.1, **kwargs):
+    def __init__(self, embedder: bert.SentenceEmbedder, labels: list[str], dropout: float = 0.1, seed: int = 0,
+                 **kwargs):
         super().__init__(**kwargs)
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ValueError(f"a classifier needs at least two distinct labels, got {labels}")
@@ -33,7 +59,7 @@ class TextClassifier(keras.Model):
         self.dropout_rate = dropout
         self.embedder = embedder
         self.config = embedder.config
-        self.dropout = keras.layers.Dropout(dropout, name="dropout")
+        self.dropout = StatelessDropout(dropout, seed, name="dropout", dtype="float32")
         self.classifier = keras.layers.Dense(len(labels), name="classifier", dtype="float32")
 
     def call(self, inputs, training=False):

@@ -1,0 +1,247 @@
+"""`hvdinfer finetune` end to end under mpirun on a generated debug-size base model: exact resume,
+evaluation across ranks over an eval set the ranks cannot split evenly, uneven training shards, the
+output as a model directory for `infer --task classify`, and bad input failing before training.
+
+Every text pads to the same 8 tokens (batching pads to a multiple of 8), so `fit` traces once and
+each run takes seconds."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from tests import tiny
+
+HVDINFER = str(Path(sys.executable).with_name("hvdinfer"))
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", TF_CPP_MIN_LOG_LEVEL="2")
+LABELS = ["neg", "pos"]
+KEYWORD = {"neg": "dog", "pos": "cat"}  # the word that gives the label away
+FILLER = ["the", "sat", "on", "mat", "a", "run"]
+TRAINING = ("--batch-size", 4, "--lr", 3e-3, "--warmup-steps", 2, "--seed", 7, "--max-length", 16)
+
+
+def hvdinfer(np_, command, *args, timeout=120):
+    """`mpirun -np np_ hvdinfer command args`; on a timeout the whole process group is killed."""
+    cmd = ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", HVDINFER, command, *map(str, args)]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} still running after {timeout} s:\n{stdout}{stderr}")
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    result.seconds = time.monotonic() - start
+    result.all = stdout + stderr
+    return result
+
+
+def finetune(np_, base, train, eval_, out, *args, timeout=120):
+    return hvdinfer(np_, "finetune", "--model", base, "--train", train, "--eval", eval_, "--output-dir", out,
+                    *TRAINING, *args, timeout=timeout)
+
+
+def labelled(n, seed):
+    """n records, labels alternating, each text a few filler words and its label's keyword (3-7 tokens)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = LABELS[i % 2]
+        words = list(rng.choice(FILLER, size=rng.integers(0, 5))) + [KEYWORD[label]]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def read_metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny.write_model_dir(tmp_path_factory.mktemp("base") / "m", tiny.random_model(3), max_seq_length=16)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {"train": write_jsonl(root / "train.jsonl", labelled(24, 0)),
+            "eval": write_jsonl(root / "eval.jsonl", labelled(21, 1)),  # 21: odd, so 2 ranks hold 11 and 10
+            "train7": write_jsonl(root / "train7.jsonl", labelled(7, 2)),
+            "eval2": write_jsonl(root / "eval2.jsonl", labelled(2, 3))}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, base, data):
+    """2 epochs on 2 ranks in one go."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    proc = finetune(2, base, data["train"], data["eval"], out, "--epochs", 2)
+    assert proc.returncode == 0, proc.all
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, base, data):
+    """1 epoch on 2 ranks, then --resume up to 2 epochs: (output dir, epoch-1 metrics, resumed run)."""
+    out = tmp_path_factory.mktemp("resumed") / "out"
+    proc = finetune(2, base, data["train"], data["eval"], out, "--epochs", 1)
+    assert proc.returncode == 0, proc.all
+    first = read_metrics(out)["epochs"]
+    proc = finetune(2, base, data["train"], data["eval"], out, "--epochs", 2, "--resume")
+    assert proc.returncode == 0, proc.all
+    return out, first, proc
+
+
+@pytest.fixture(scope="module")
+def predictions(tmp_path_factory, straight, data):
+    """`infer --task classify` of the straight run's model on the eval file, in a single process."""
+    out = tmp_path_factory.mktemp("pred") / "pred.jsonl"
+    proc = hvdinfer(1, "infer", "--model", straight, "--task", "classify", "--input", data["eval"], "--output", out)
+    assert proc.returncode == 0, proc.all
+    return read_jsonl(out)
+
+
+def classify(model_dir, texts):
+    from models import loading
+
+    model, tokenizer, _ = loading.load_classifier(model_dir)
+    enc = tokenizer.encode_batch(texts)
+    return model({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}).numpy()
+
+
+def test_resume_continues_exactly_where_a_straight_run_would_be(straight, resumed, data):
+    out, first, proc = resumed
+    assert "resumed from" in proc.stderr and "epoch-0001" in proc.stderr, proc.all
+    metrics = read_metrics(out)
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert metrics["epochs"][0] == first[0]  # the first run's history is kept, not recomputed
+    for name in ("model.safetensors", "classifier.safetensors"):
+        want, got = safetensors.numpy.load_file(str(straight / name)), safetensors.numpy.load_file(str(out / name))
+        assert sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], atol=1e-6, rtol=0, err_msg=f"{name}: {key}")
+    texts = [r["text"] for r in read_jsonl(data["eval"])]
+    np.testing.assert_allclose(classify(out, texts), classify(straight, texts), atol=1e-5, rtol=0)
+    for path in (straight, out):
+        assert json.loads((path / "checkpoints" / "epoch-0002" / "state.json").read_text())["step"] == 6
+
+
+def test_evaluation_counts_every_eval_record_once_across_ranks(straight, predictions, data):
+    truth = [r["label"] for r in read_jsonl(data["eval"])]
+    predicted = [r["label"] for r in predictions]
+    final = read_metrics(straight)["epochs"][-1]["eval"]
+    assert final["examples"] == len(truth) == 21
+    assert final["accuracy"] == sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+    assert sorted(final["per_class"]) == LABELS
+    for label in LABELS:
+        hits = sum(p == t == label for p, t in zip(predicted, truth))
+        stats = final["per_class"][label]
+        assert stats["support"] == truth.count(label)
+        assert stats["precision"] == pytest.approx(hits / predicted.count(label) if label in predicted else 0.0)
+        assert stats["recall"] == pytest.approx(hits / truth.count(label))
+        p, r = stats["precision"], stats["recall"]
+        assert stats["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
+    assert final["macro_f1"] == pytest.approx(np.mean([final["per_class"][l]["f1"] for l in LABELS]))
+
+
+def test_output_dir_is_a_classifier_model_directory(straight, predictions):
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "classifier.json", "classifier.safetensors"):
+        assert (straight / name).is_file(), name
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((straight / "classifier.json").read_text())["labels"] == LABELS
+    assert [r["id"] for r in predictions] == list(range(21))
+    assert sorted({r["label"] for r in predictions}) == LABELS  # the model learnt to tell them apart
+    accuracy = [e["eval"]["accuracy"] for e in read_metrics(straight)["epochs"]]
+    assert accuracy[1] > accuracy[0]
+    for row in predictions:
+        assert row["label"] in LABELS and sorted(row["scores"]) == LABELS
+        assert sum(row["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_uneven_shards_on_three_ranks_finish(tmp_path, base, data):
+    # 7 training records on 3 ranks (3, 2, 2 before wrap-around); 2 eval records, so rank 2 evaluates none.
+    out = tmp_path / "out"
+    proc = finetune(3, base, data["train7"], data["eval2"], out, "--epochs", 2, timeout=150)
+    assert proc.returncode == 0, proc.all
+    assert "2 epochs on 3 rank(s)" in proc.stdout
+    assert (out / "classifier.safetensors").is_file() and (out / "model.safetensors").is_file()
+    assert [e["eval"]["examples"] for e in read_metrics(out)["epochs"]] == [2, 2]
+
+
+GOOD = labelled(6, 4)
+BAD_INPUTS = [
+    # name, train records (None: no file; a string: the raw content), eval records (None: the good
+    # eval set), expected message (format with {train}, {eval})
+    ("label missing", [GOOD[0], {"text": "a cat"}, *GOOD[1:]], None, "{train}:2: field 'label': missing"),
+    ("single class", [r for r in GOOD if r["label"] == "pos"], None,
+     "{train}: every record has label 'pos'; a classifier needs at least two classes"),
+    ("unseen eval label", GOOD, [GOOD[0], {"text": "a dog", "label": "maybe"}],
+     "{eval}: label 'maybe' (record 2) does not occur in {train} (training labels: neg, pos)"),
+    ("empty train file", "", None, "{train}: no records"),
+    ("missing train file", None, None, "{train}: no such input file"),
+]
+
+
+@pytest.mark.parametrize("name, train_rows, eval_rows, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_fails_before_training_with_one_message(tmp_path, base, data, name, train_rows, eval_rows,
+                                                          message):
+    train = tmp_path / "train.jsonl"
+    if isinstance(train_rows, str):
+        train.write_text(train_rows)
+    elif train_rows is not None:
+        write_jsonl(train, train_rows)
+    eval_ = write_jsonl(tmp_path / "eval.jsonl", eval_rows) if eval_rows else data["eval"]
+    out = tmp_path / "out"
+    proc = finetune(2, base, train, eval_, out, "--epochs", 1, timeout=60)
+    assert proc.returncode != 0
+    assert proc.seconds < 30
+    expected = "hvdinfer: error: " + message.format(train=train, eval=eval_)
+    assert proc.all.count(expected) == 1, proc.all
+    assert proc.all.count("hvdinfer: error:") == 1 and "Traceback" not in proc.all
+    assert not (out / "checkpoints").exists()
+
+
+def test_resume_on_another_number_of_ranks_is_refused(tmp_path, base, data, straight):
+    out = tmp_path / "out"
+    shutil.copytree(straight / "checkpoints", out / "checkpoints")
+    shutil.copy2(straight / "metrics.json", out / "metrics.json")
+    proc = finetune(1, base, data["train"], data["eval"], out, "--epochs", 3, "--resume", timeout=60)
+    assert proc.returncode != 0
+    line = [l for l in proc.all.splitlines() if l.startswith("hvdinfer: error: --resume:")]
+    assert len(line) == 1, proc.all
+    assert f"{out / 'checkpoints' / 'epoch-0002'} was written with" in line[0]
+    assert "size was 2, now 1" in line[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+
+
+def test_max_length_beyond_the_models_positions_fails_before_training(tmp_path, base, data):
+    out = tmp_path / "out"
+    proc = finetune(1, base, data["train"], data["eval"], out, "--max-length", 100, timeout=60)
+    assert proc.returncode != 0
+    assert proc.all.count("hvdinfer: error: --max-length 100 exceeds the model's 64 positions") == 1, proc.all
+    assert not (out / "checkpoints").exists()
+
+
+def test_tuned_model_directory_truncates_as_training_did(tmp_path, straight):
+    import json
+
+    assert json.loads((straight / "sentence_bert_config.json").read_text())["max_seq_length"] == 16
