@@ -84,6 +84,15 @@ def _open_text(path: Path) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+def _lines(content: str) -> list[str]:
+    """Split on \n (and \r\n) only: str.splitlines() would also split inside a record at U+2028,
+    U+0085 or \x1c, which JSON strings may carry unescaped."""
+    lines = content.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _bad_utf8(value: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in value)
 
@@ -122,7 +131,7 @@ def read_records(path: str | Path, fmt: str | None = None, text_field: str = "te
 
 def _read_jsonl(path, content, text_field, id_field, label_field) -> ReadReport:
     records, blank = [], 0
-    for line_no, line in enumerate(content.splitlines(), start=1):
+    for line_no, line in enumerate(_lines(content), start=1):
         if not line.strip():
             blank += 1
             continue
@@ -151,7 +160,7 @@ def _read_jsonl(path, content, text_field, id_field, label_field) -> ReadReport:
 
 def _read_text(path, content) -> ReadReport:
     records, blank = [], 0
-    for line_no, line in enumerate(content.splitlines(), start=1):
+    for line_no, line in enumerate(_lines(content), start=1):
         if not line.strip():
             blank += 1
             continue

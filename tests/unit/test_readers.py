@@ -61,3 +61,13 @@ def test_whole_file_problems_raise(tmp_path):
         detect_format(tmp_path / "data.parquet")
     assert detect_format(tmp_path / "x.csv.bz2") == "csv"
     assert detect_format(tmp_path / "x.dat", "text") == "text"
+
+
+def test_unicode_line_separators_inside_a_record_do_not_split_it(tmp_path):
+    # U+2028, U+0085 and \x1c are line breaks to str.splitlines() but legal inside JSON strings.
+    texts = ["before\u2028after", "next\x85line", "group\x1csep"]
+    path = write(tmp_path, "in.jsonl", "".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts))
+    report = read_records(path)
+    assert [r.text for r in report.records] == texts and all(r.ok for r in report.records)
+    plain = write(tmp_path, "in.txt", "one\u2028still one\ntwo\n")
+    assert [r.text for r in read_records(plain).records] == ["one\u2028still one", "two"]
