@@ -246,7 +246,7 @@ def plot_report(report: dict, path: Path) -> None:
     names = list(report["results"])
     values = [report["results"][n]["records_per_s"] for n in names]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    bars = ax.bar(names, values, color=["#4c72b0" if n != "hvdinfer" else "#dd8452" for n in names])
+    bars = ax.bar(names, values, color=["#dd8452" if n.startswith("hvdinfer") else "#4c72b0" for n in names])
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylabel("records / s")
     ax.set_title(f"{report['bench']}: {report['model_size']}, seq {report['seq']}, "
