@@ -62,13 +62,27 @@ class BertConfig:
                 "layer_norm_eps": self.layer_norm_eps}
 
 
-@keras.utils.register_keras_serializable("hvdinfer")
-class Embeddings(keras.layers.Layer):
-    """Word + position + token-type embeddings, then LayerNorm."""
+class _ConfigLayer(keras.layers.Layer):
+    """A layer built from a BertConfig and serialised with it."""
 
     def __init__(self, config: BertConfig, **kwargs):
         super().__init__(**kwargs)
         self.config = config
+
+    def get_config(self):
+        return {**super().get_config(), "config": dataclasses.asdict(self.config)}
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(BertConfig(**cfg.pop("config")), **cfg)
+
+
+@keras.utils.register_keras_serializable("hvdinfer")
+class Embeddings(_ConfigLayer):
+    """Word + position + token-type embeddings, then LayerNorm."""
+
+    def __init__(self, config: BertConfig, **kwargs):
+        super().__init__(config, **kwargs)
         self.word = keras.layers.Embedding(config.vocab_size, config.hidden_size, name="word_embeddings")
         self.position = keras.layers.Embedding(config.max_position, config.hidden_size, name="position_embeddings")
         self.token_type = keras.layers.Embedding(config.type_vocab_size, config.hidden_size,
@@ -82,21 +96,13 @@ class Embeddings(keras.layers.Layer):
         x = self.word(input_ids) + self.position(tf.range(length))[tf.newaxis] + self.token_type(token_type_ids)
         return self.norm(x)
 
-    def get_config(self):
-        return {**super().get_config(), "config": dataclasses.asdict(self.config)}
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(BertConfig(**cfg.pop("config")), **cfg)
-
 
 @keras.utils.register_keras_serializable("hvdinfer")
-class TransformerBlock(keras.layers.Layer):
+class TransformerBlock(_ConfigLayer):
     """Post-LayerNorm BERT block: self-attention and a GELU feed-forward, each with a residual."""
 
     def __init__(self, config: BertConfig, **kwargs):
-        super().__init__(**kwargs)
-        self.config = config
+        super().__init__(config, **kwargs)
         h = config.hidden_size
         self.heads = config.num_heads
         self.head_dim = h // config.num_heads
@@ -125,13 +131,6 @@ class TransformerBlock(keras.layers.Layer):
         x = self.attention_norm(x + self.attention_out(context))
         hidden = tf.nn.gelu(self.ffn_in(x), approximate=False)
         return self.ffn_norm(x + self.ffn_out(hidden))
-
-    def get_config(self):
-        return {**super().get_config(), "config": dataclasses.asdict(self.config)}
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(BertConfig(**cfg.pop("config")), **cfg)
 
 
 @keras.utils.register_keras_serializable("hvdinfer")

@@ -129,12 +129,17 @@ def read_records(path: str | Path, fmt: str | None = None, text_field: str = "te
     return report
 
 
+def _numbered_lines(content: str) -> tuple[list[tuple[int, str]], int]:
+    """(1-based line number, line) of every non-blank line, and the number of blank lines."""
+    numbered = [(n, line) for n, line in enumerate(_lines(content), start=1)]
+    kept = [(n, line) for n, line in numbered if line.strip()]
+    return kept, len(numbered) - len(kept)
+
+
 def _read_jsonl(path, content, text_field, id_field, label_field) -> ReadReport:
-    records, blank = [], 0
-    for line_no, line in enumerate(_lines(content), start=1):
-        if not line.strip():
-            blank += 1
-            continue
+    records = []
+    lines, blank = _numbered_lines(content)
+    for line_no, line in lines:
         index = len(records)
         if _bad_utf8(line):
             records.append(Record(index, line_no, index, error=f"{path}:{line_no}: invalid UTF-8"))
@@ -159,11 +164,9 @@ def _read_jsonl(path, content, text_field, id_field, label_field) -> ReadReport:
 
 
 def _read_text(path, content) -> ReadReport:
-    records, blank = [], 0
-    for line_no, line in enumerate(_lines(content), start=1):
-        if not line.strip():
-            blank += 1
-            continue
+    records = []
+    lines, blank = _numbered_lines(content)
+    for line_no, line in lines:
         index = len(records)
         error = f"{path}:{line_no}: invalid UTF-8" if _bad_utf8(line) else None
         records.append(Record(index, line_no, index, None if error else line, error))
