@@ -187,3 +187,16 @@ def test_classify_needs_a_head(tmp_path, model_dir, good_input):
     proc = infer(1, "--model", model_dir, "--task", "classify", "--input", good_input, "--output", tmp_path / "o.jsonl")
     assert proc.returncode != 0
     assert "has no classifier head (classifier.json)" in proc.all
+
+
+def test_horovodrun_via_launch_script_gives_the_same_results(tmp_path, model_dir, good_input, texts):
+    out = tmp_path / "hr.jsonl"
+    root = Path(__file__).resolve().parents[2]
+    env = dict(ENV, NP="2", LAUNCHER="horovodrun")
+    proc = subprocess.run([str(root / "launch" / "run.sh"), "infer", "--model", str(model_dir), "--input",
+                           str(good_input), "--output", str(out), "--quiet"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(texts))]
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), reference(model_dir, texts), atol=1e-5)
