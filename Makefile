@@ -23,6 +23,9 @@ export PYTHONUNBUFFERED := 1
 MPIRUN := mpirun --oversubscribe --bind-to none
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider --color=no
 
+# This machine's pip config names local index folders that may not exist: drop that noise only.
+PIP_FILTER := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 HOROVOD_BUILD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
 	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2
 
@@ -42,8 +45,8 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.stamp-deps: requirements.txt | $(VENV)/bin/python
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --upgrade pip $(PIP_FILTER)
+	$(PY) -m pip install -q -r requirements.txt $(PIP_FILTER)
 	touch $@
 
 # Horovod is compiled against the TF in the venv; rebuilt only when that TF changes or it fails to load.
@@ -52,12 +55,12 @@ $(VENV)/.stamp-horovod: $(VENV)/.stamp-deps
 		echo "horovod 0.28.1 already built against this TF"; \
 	else \
 		echo "building horovod 0.28.1 from source (about 2-3 minutes)"; \
-		$(HOROVOD_BUILD_ENV) $(PY) -m pip install -q --no-build-isolation --no-cache-dir --force-reinstall --no-deps horovod==0.28.1; \
+		$(HOROVOD_BUILD_ENV) $(PY) -m pip install -q --no-build-isolation --no-cache-dir --force-reinstall --no-deps horovod==0.28.1 $(PIP_FILTER); \
 	fi
 	touch $@
 
 $(VENV)/.stamp-hvdinfer: $(VENV)/.stamp-horovod setup.py
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . $(PIP_FILTER)
 	touch $@
 
 doctor: install
