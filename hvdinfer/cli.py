@@ -11,6 +11,7 @@ Commands that orchestrate their own launches (`bench`, `demo`) run as a single p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TF: its C++ start-up banner (oneDNN, CPU features) on every rank says nothing a user needs.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     return runtime.run_fail_fast(lambda: dispatch(args))
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from hvdinfer import collect, output, runtime
 from hvdinfer.data import batching, readers
@@ -246,8 +247,6 @@ def write_model_dir(model, base_dir: Path, out_dir: Path, max_length: int) -> No
 
 def build_model(cfg: FinetuneConfig, labels: list[str]):
     """(classifier, tokenizer, base model dir) from the base model."""
-    import tensorflow as tf
-
     from hvdinfer import assets
     from models import bert, heads, loading
 
@@ -262,82 +261,102 @@ def build_model(cfg: FinetuneConfig, labels: list[str]):
     return model, tokenizer, info.model_dir
 
 
-def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
-    import tensorflow as tf
+def check_resume(cfg: FinetuneConfig, labels: list[str], size: int, train: LabeledSet) -> tuple[int, Path] | None:
+    """(epoch, checkpoint dir) to continue from, after checking it continues this very run; None: start fresh."""
+    found = last_checkpoint(cfg) if cfg.resume else None
+    if cfg.resume and found is None:
+        LOG.warning("--resume: no checkpoint in %s; starting from the base model", cfg.output_dir / CHECKPOINTS)
+    if found is None:
+        return None
+    state = json.loads((found[1] / "state.json").read_text())
+    now = training_identity(cfg, labels, size, train)
+    changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+    if changed:
+        raise JobError(f"--resume: {found[1]} was written with other settings, so resuming would not continue "
+                       "the same run: " + "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+    if found[0] > cfg.epochs:
+        raise JobError(f"--resume: the last checkpoint is epoch {found[0]}, beyond --epochs {cfg.epochs}")
+    return found
 
+
+def restore(ckpt, optimizer, checkpoint: Path) -> None:
+    """Every rank reads the checkpoint; rank 0's copy is then broadcast anyway (BroadcastGlobalVariablesCallback)."""
+    ckpt.read(str(checkpoint / "ckpt")).assert_consumed()
+    step = json.loads((checkpoint / "state.json").read_text())["step"]
+    if int(optimizer.iterations.numpy()) != step:
+        raise JobError(f"--resume: {checkpoint} restored step {int(optimizer.iterations.numpy())}, expected {step}")
+
+
+class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
+    """At every epoch end: eval across ranks, then (coordinator) log, TensorBoard, metrics.json and an
+    atomic checkpoint."""
+
+    def __init__(self, cfg, rt, model, tokenizer, evaluation, labels, ckpt, identity, history):
+        super().__init__()
+        self.cfg, self.rt, self.net, self.tokenizer = cfg, rt, model, tokenizer
+        self.evaluation, self.labels, self.ckpt, self.identity, self.history = evaluation, labels, ckpt, identity, history
+        self.writer = tf.summary.create_file_writer(str(cfg.output_dir / "tensorboard")) if rt.is_coordinator else None
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        counts = confusion(self.net, self.tokenizer, self.evaluation, len(self.labels), self.rt, self.cfg.batch_size,
+                           self.cfg.max_length)
+        metrics = classification_metrics(counts, self.labels)
+        record = {"epoch": epoch + 1, "train_loss": float(logs["loss"]), "train_accuracy": float(logs["accuracy"]),
+                  "eval": metrics, "seconds": time.perf_counter() - self.start}
+        self.history.append(record)
+        if not self.rt.is_coordinator:
+            return
+        LOG.info("epoch %d/%d: loss %.4f, eval accuracy %.4f, macro-F1 %.4f (%d examples)", epoch + 1,
+                 self.cfg.epochs, record["train_loss"], metrics["accuracy"], metrics["macro_f1"], metrics["examples"])
+        with self.writer.as_default(step=epoch + 1):
+            tf.summary.scalar("train/loss", record["train_loss"])
+            tf.summary.scalar("eval/accuracy", metrics["accuracy"])
+            tf.summary.scalar("eval/macro_f1", metrics["macro_f1"])
+        self.writer.flush()
+        step = int(self.net.optimizer.iterations.numpy())
+        save_checkpoint(self.ckpt, self.cfg, epoch + 1, {"epoch": epoch + 1, "step": step, **self.identity})
+        output.write_json(self.cfg.output_dir / "metrics.json", {"labels": self.labels, "epochs": self.history})
+
+
+def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     from hvdinfer.parallel import data_parallel
 
     rt = runtime.init_runtime(runtime_config)
     train, evaluation, labels = load_data(cfg)
-    resume_from = last_checkpoint(cfg) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        LOG.warning("--resume: no checkpoint in %s; starting from the base model", cfg.output_dir / CHECKPOINTS)
-    if resume_from:
-        state = json.loads((resume_from[1] / "state.json").read_text())
-        now = training_identity(cfg, labels, rt.size, train)
-        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
-        if changed:
-            raise JobError(f"--resume: {resume_from[1]} was written with other settings, so resuming would not "
-                           "continue the same run: " + "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+    resume_from = check_resume(cfg, labels, rt.size, train)
+    first_epoch = resume_from[0] if resume_from else 0
     model, tokenizer, base_dir = build_model(cfg, labels)
     if cfg.max_length > model.config.max_position:
         raise JobError(f"--max-length {cfg.max_length} exceeds the model's {model.config.max_position} positions")
     token_ids, _ = tokenizer.encode_ids(train.texts, cfg.max_length)
-    steps = steps_per_epoch(len(train.texts), rt.size, cfg.batch_size)
+
     peak = data_parallel.scaled_learning_rate(cfg.lr, rt.size, not cfg.no_lr_scaling)
-    schedule = data_parallel.LinearWarmup(peak, cfg.warmup_steps)
     optimizer, callbacks = data_parallel.apply_data_parallel(
-        tf.keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay))
+        tf.keras.optimizers.AdamW(data_parallel.LinearWarmup(peak, cfg.warmup_steps), weight_decay=cfg.weight_decay))
     model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-
     # Keras creates optimizer slots lazily; build them now so a checkpoint restores into real variables.
     optimizer.build(model.trainable_variables)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    first_epoch = 0
     if resume_from:
-        first_epoch = resume_from[0]
-        # Every rank reads it; rank 0's copy is then broadcast anyway (BroadcastGlobalVariablesCallback).
-        ckpt.read(str(resume_from[1] / "ckpt")).assert_consumed()
-        if int(optimizer.iterations.numpy()) != state["step"]:
-            raise JobError(f"--resume: {resume_from[1]} restored step {int(optimizer.iterations.numpy())}, "
-                           f"expected {state['step']}")
+        restore(ckpt, optimizer, resume_from[1])
         LOG.info("resumed from %s (epoch %d of %d)", resume_from[1], first_epoch, cfg.epochs)
 
     history = [h for h in _read_history(cfg) if h["epoch"] <= first_epoch] if resume_from else []
-    writer = tf.summary.create_file_writer(str(cfg.output_dir / "tensorboard")) if rt.is_coordinator else None
+    epoch_end = EvaluateAndCheckpoint(cfg, rt, model, tokenizer, evaluation, labels, ckpt,
+                                      training_identity(cfg, labels, rt.size, train), history)
+    steps = steps_per_epoch(len(train.texts), rt.size, cfg.batch_size)
     start = time.perf_counter()
-
-    class EpochEnd(tf.keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            counts = confusion(model, tokenizer, evaluation, len(labels), rt, cfg.batch_size, cfg.max_length)
-            metrics = classification_metrics(counts, labels)
-            record = {"epoch": epoch + 1, "train_loss": float(logs["loss"]), "train_accuracy": float(logs["accuracy"]),
-                      "eval": metrics, "seconds": time.perf_counter() - start}
-            history.append(record)
-            if rt.is_coordinator:
-                LOG.info("epoch %d/%d: loss %.4f, eval accuracy %.4f, macro-F1 %.4f (%d examples)", epoch + 1,
-                         cfg.epochs, record["train_loss"], metrics["accuracy"], metrics["macro_f1"], metrics["examples"])
-                with writer.as_default(step=epoch + 1):
-                    tf.summary.scalar("train/loss", record["train_loss"])
-                    tf.summary.scalar("eval/accuracy", metrics["accuracy"])
-                    tf.summary.scalar("eval/macro_f1", metrics["macro_f1"])
-                writer.flush()
-                save_checkpoint(ckpt, cfg, epoch + 1, {"epoch": epoch + 1, "step": int(optimizer.iterations.numpy()),
-                                                       **training_identity(cfg, labels, rt.size, train)})
-                output.write_json(cfg.output_dir / "metrics.json", {"labels": labels, "epochs": history})
-
-    if first_epoch > cfg.epochs:
-        raise JobError(f"--resume: the last checkpoint is epoch {first_epoch}, beyond --epochs {cfg.epochs}")
     if first_epoch < cfg.epochs:
-        data = batches_from(first_epoch, cfg, train, token_ids, tokenizer.pad_id, rt)
-        model.fit(data, steps_per_epoch=steps, epochs=cfg.epochs, initial_epoch=first_epoch,
-                  callbacks=callbacks + [EpochEnd()], verbose=2 if rt.is_coordinator else 0)
+        model.fit(batches_from(first_epoch, cfg, train, token_ids, tokenizer.pad_id, rt), steps_per_epoch=steps,
+                  epochs=cfg.epochs, initial_epoch=first_epoch, callbacks=callbacks + [epoch_end],
+                  verbose=2 if rt.is_coordinator else 0)
     seconds = time.perf_counter() - start
-    trained = (cfg.epochs - first_epoch) * steps * cfg.batch_size * rt.size
     if rt.is_coordinator:
-        write_model_dir(model, base_dir, cfg.output_dir, min(cfg.max_length, model.config.max_position))
+        write_model_dir(model, base_dir, cfg.output_dir, cfg.max_length)
         LOG.info("wrote model directory %s", cfg.output_dir)
+    trained = (cfg.epochs - first_epoch) * steps * cfg.batch_size * rt.size
     final = history[-1]["eval"] if history else {}
     return {"epochs": cfg.epochs, "ranks": rt.size, "seconds": seconds, "samples_per_s": trained / seconds if seconds else 0,
             "eval_accuracy": final.get("accuracy"), "eval_macro_f1": final.get("macro_f1")}
