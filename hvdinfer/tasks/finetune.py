@@ -92,8 +92,9 @@ class LabeledSet:
     labels: np.ndarray  # int class ids
 
 
-def read_labeled(path: Path, cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
-    """(texts, label strings) of a labelled file; any bad record is an error naming file and line."""
+def read_labeled(path: Path, cfg: FinetuneConfig) -> tuple[list[str], list[str], list[int]]:
+    """(texts, label strings, 1-based lines) of a labelled file; any bad record is an error naming
+    file and line."""
     try:
         report = readers.read_records(path, None, cfg.text_field, None, cfg.label_field)
     except readers.InputError as exc:
@@ -101,21 +102,22 @@ def read_labeled(path: Path, cfg: FinetuneConfig) -> tuple[list[str], list[str]]
     if report.errors:
         more = len(report.errors) - 1
         raise JobError(report.errors[0].error + (f" (and {more} more bad records)" if more else ""))
-    return [r.text for r in report.records], [str(r.label) for r in report.records]
+    records = report.records
+    return [r.text for r in records], [str(r.label) for r in records], [r.line for r in records]
 
 
 def load_data(cfg: FinetuneConfig) -> tuple[LabeledSet, LabeledSet, list[str]]:
     """Both sets, checked before any training: labels present, >= 2 classes, eval labels known."""
-    train_texts, train_labels = read_labeled(cfg.train, cfg)
-    eval_texts, eval_labels = read_labeled(cfg.eval, cfg)
+    train_texts, train_labels, _ = read_labeled(cfg.train, cfg)
+    eval_texts, eval_labels, eval_lines = read_labeled(cfg.eval, cfg)
     names = sorted(set(train_labels))
     if len(names) < 2:
         raise JobError(f"{cfg.train}: every record has label {names[0]!r}; a classifier needs at least two classes")
     unseen = sorted(set(eval_labels) - set(names))
     if unseen:
-        line = 1 + eval_labels.index(unseen[0])
-        raise JobError(f"{cfg.eval}: label {unseen[0]!r} (record {line}) does not occur in {cfg.train} "
-                       f"(training labels: {', '.join(names)})")
+        line = eval_lines[eval_labels.index(unseen[0])]
+        raise JobError(f"{cfg.eval}:{line}: field '{cfg.label_field}': label {unseen[0]!r} does not occur in "
+                       f"{cfg.train} (training labels: {', '.join(names)})")
     index = {name: i for i, name in enumerate(names)}
     return (LabeledSet(cfg.train, train_texts, np.array([index[l] for l in train_labels])),
             LabeledSet(cfg.eval, eval_texts, np.array([index[l] for l in eval_labels])), names)

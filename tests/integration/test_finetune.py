@@ -195,7 +195,7 @@ BAD_INPUTS = [
     ("single class", [r for r in GOOD if r["label"] == "pos"], None,
      "{train}: every record has label 'pos'; a classifier needs at least two classes"),
     ("unseen eval label", GOOD, [GOOD[0], {"text": "a dog", "label": "maybe"}],
-     "{eval}: label 'maybe' (record 2) does not occur in {train} (training labels: neg, pos)"),
+     "{eval}:2: field 'label': label 'maybe' does not occur in {train} (training labels: neg, pos)"),
     ("empty train file", "", None, "{train}: no records"),
     ("missing train file", None, None, "{train}: no such input file"),
 ]

@@ -134,13 +134,23 @@ def test_load_data_maps_labels_to_sorted_class_ids(tmp_path):
 @pytest.mark.parametrize("train, eval_, message", [
     ([{"text": "a", "label": "x"}, {"text": "b"}], [{"text": "a", "label": "x"}], "train.jsonl:2: field 'label': missing"),
     ([{"text": "a", "label": "x"}], [{"text": "a", "label": "x"}], "a classifier needs at least two classes"),
-    ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}], [{"text": "c", "label": "z"}],
-     "label 'z' (record 1) does not occur in"),
+    ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],
+     [{"text": "c", "label": "x"}, {"text": "d", "label": "z"}],
+     "eval.jsonl:2: field 'label': label 'z' does not occur in"),
 ], ids=["label missing", "one class", "unseen eval label"])
 def test_load_data_refuses_bad_sets(tmp_path, train, eval_, message):
     with pytest.raises(JobError) as info:
         load_data(config(tmp_path, train, eval_))
     assert message in str(info.value)
+
+
+def test_unseen_eval_label_names_the_file_line_not_the_record_index(tmp_path):
+    train = [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]
+    cfg = config(tmp_path, train, [])
+    cfg.eval.write_text('\n{"text": "c", "label": "x"}\n\n{"text": "d", "label": "z"}\n')
+    with pytest.raises(JobError) as info:
+        load_data(cfg)
+    assert str(info.value).startswith(f"{cfg.eval}:4: field 'label': label 'z' does not occur in")
 
 
 @pytest.mark.parametrize("overrides, message", [
