@@ -142,9 +142,9 @@ def dispatch(args: argparse.Namespace) -> int:
             resume=args.resume, precision=args.precision)
         summary = finetune.run(cfg, _runtime_config(args))
         if runtime.init_runtime().is_coordinator:
-            print(f"finetune: {summary['epochs']} epochs on {summary['ranks']} rank(s) in {summary['seconds']:.1f} s "
-                  f"({summary['samples_per_s']:.1f} samples/s); eval accuracy {summary['eval_accuracy']}, "
-                  f"macro-F1 {summary['eval_macro_f1']}", flush=True)
+            print(f"finetune: {summary['epochs']} epoch(s) on {summary['ranks']} rank(s) in {summary['seconds']:.1f} s "
+                  f"({summary['samples_per_s']:.1f} samples/s); eval accuracy {summary['eval_accuracy']:.4f}, "
+                  f"macro-F1 {summary['eval_macro_f1']:.4f}", flush=True)
         return 0
     if args.command == "bench":
         from hvdinfer import bench
@@ -157,7 +157,7 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.which in ("all", "infer"):
             bench.bench_infer(args.np, args.records, args.batch_size, args.seq, args.out)
         if args.which in ("all", "finetune"):
-            bench.bench_finetune(steps=12, batch=16, seq=64, out=args.out)
+            bench.bench_finetune(steps=20, batch=16, seq=64, out=args.out)
         return 0
     if args.command == "demo":
         from hvdinfer import demo

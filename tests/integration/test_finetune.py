@@ -182,7 +182,7 @@ def test_uneven_shards_on_three_ranks_finish(tmp_path, base, data):
     out = tmp_path / "out"
     proc = finetune(3, base, data["train7"], data["eval2"], out, "--epochs", 2, timeout=150)
     assert proc.returncode == 0, proc.all
-    assert "2 epochs on 3 rank(s)" in proc.stdout
+    assert "2 epoch(s) on 3 rank(s)" in proc.stdout
     assert (out / "classifier.safetensors").is_file() and (out / "model.safetensors").is_file()
     assert [e["eval"]["examples"] for e in read_metrics(out)["epochs"]] == [2, 2]
 
