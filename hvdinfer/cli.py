@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     return runtime.run_fail_fast(lambda: dispatch(args))
 
 
+def _metric(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "doctor":
         from hvdinfer import doctor
@@ -143,8 +147,8 @@ def dispatch(args: argparse.Namespace) -> int:
         summary = finetune.run(cfg, _runtime_config(args))
         if runtime.init_runtime().is_coordinator:
             print(f"finetune: {summary['epochs']} epoch(s) on {summary['ranks']} rank(s) in {summary['seconds']:.1f} s "
-                  f"({summary['samples_per_s']:.1f} samples/s); eval accuracy {summary['eval_accuracy']:.4f}, "
-                  f"macro-F1 {summary['eval_macro_f1']:.4f}", flush=True)
+                  f"({summary['samples_per_s']:.1f} samples/s); eval accuracy {_metric(summary['eval_accuracy'])}, "
+                  f"macro-F1 {_metric(summary['eval_macro_f1'])}", flush=True)
         return 0
     if args.command == "bench":
         from hvdinfer import bench

@@ -92,9 +92,8 @@ class LabeledSet:
     labels: np.ndarray  # int class ids
 
 
-def read_labeled(path: Path, cfg: FinetuneConfig) -> tuple[list[str], list[str], list[int]]:
-    """(texts, label strings, 1-based lines) of a labelled file; any bad record is an error naming
-    file and line."""
+def read_labeled(path: Path, cfg: FinetuneConfig) -> list[readers.Record]:
+    """The records of a labelled file; any bad record is an error naming file and line."""
     try:
         report = readers.read_records(path, None, cfg.text_field, None, cfg.label_field)
     except readers.InputError as exc:
@@ -102,25 +101,26 @@ def read_labeled(path: Path, cfg: FinetuneConfig) -> tuple[list[str], list[str],
     if report.errors:
         more = len(report.errors) - 1
         raise JobError(report.errors[0].error + (f" (and {more} more bad records)" if more else ""))
-    records = report.records
-    return [r.text for r in records], [str(r.label) for r in records], [r.line for r in records]
+    return report.records
 
 
 def load_data(cfg: FinetuneConfig) -> tuple[LabeledSet, LabeledSet, list[str]]:
     """Both sets, checked before any training: labels present, >= 2 classes, eval labels known."""
-    train_texts, train_labels, _ = read_labeled(cfg.train, cfg)
-    eval_texts, eval_labels, eval_lines = read_labeled(cfg.eval, cfg)
-    names = sorted(set(train_labels))
+    train, eval_ = read_labeled(cfg.train, cfg), read_labeled(cfg.eval, cfg)
+    names = sorted({str(r.label) for r in train})
     if len(names) < 2:
         raise JobError(f"{cfg.train}: every record has label {names[0]!r}; a classifier needs at least two classes")
-    unseen = sorted(set(eval_labels) - set(names))
+    unseen = sorted({str(r.label) for r in eval_} - set(names))
     if unseen:
-        line = eval_lines[eval_labels.index(unseen[0])]
+        line = next(r.line for r in eval_ if str(r.label) == unseen[0])
         raise JobError(f"{cfg.eval}:{line}: field '{cfg.label_field}': label {unseen[0]!r} does not occur in "
                        f"{cfg.train} (training labels: {', '.join(names)})")
     index = {name: i for i, name in enumerate(names)}
-    return (LabeledSet(cfg.train, train_texts, np.array([index[l] for l in train_labels])),
-            LabeledSet(cfg.eval, eval_texts, np.array([index[l] for l in eval_labels])), names)
+
+    def labeled_set(path: Path, records: list[readers.Record]) -> LabeledSet:
+        return LabeledSet(path, [r.text for r in records], np.array([index[str(r.label)] for r in records]))
+
+    return labeled_set(cfg.train, train), labeled_set(cfg.eval, eval_), names
 
 
 def epoch_shard(n: int, epoch: int, seed: int, size: int, rank: int, batch_size: int) -> np.ndarray:
