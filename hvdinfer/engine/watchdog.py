@@ -1,0 +1,203 @@
+"""The stuck-rank watchdog: heartbeats between every rank and the coordinator.
+
+A rank can stop making progress while staying alive: SIGSTOP, blocked I/O, a deadlock, a network
+partition. Horovod's own stall check cannot see the first kind (its background thread is frozen
+with the rest of the process) and takes minutes for the others, so a job would hang. Here every
+rank runs one daemon thread that, every `interval` seconds,
+
+- on a worker: sends the coordinator a heartbeat saying what its main thread last did and how long
+  ago, and watches for the coordinator's heartbeats;
+- on the coordinator: collects the workers' heartbeats and sends its own to each of them.
+
+A rank is stuck when no heartbeat of it arrived for `timeout` seconds (the whole process is frozen
+or unreachable), or when its main thread has not called `beat` for `timeout` seconds while armed
+(alive but stuck). The rank that sees it prints one line naming the stuck rank and what it last
+did, runs the registered last-words hooks (the journal flushes what it holds) and exits with
+EXIT_STALLED, which makes mpirun/horovodrun end every rank. Workers that lose the coordinator wait
+a little longer the higher their rank, so one line, not N, reports it.
+
+Phases with no natural beat (fetching a model, tracing it) run under `quiet(...)`: the heartbeat
+thread still proves the process alive, but the main thread's silence is not judged.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Callable, Iterator
+
+from hvdinfer.engine import link as link_mod
+
+EXIT_STALLED = 3
+DEFAULT_TIMEOUT_S = 60.0
+REPORT_GRACE_S = 2.0  # extra wait per worker rank before it reports a lost coordinator
+
+
+@dataclasses.dataclass
+class Pulse:
+    """What one rank's main thread last said about itself."""
+
+    activity: str = "starting"
+    beat_at: float = dataclasses.field(default_factory=time.monotonic)
+    armed: bool = True
+
+
+@dataclasses.dataclass
+class PeerView:
+    """The coordinator's (or a worker's) latest news of one peer."""
+
+    heard_at: float
+    activity: str = "starting"
+    idle_s: float = 0.0
+    armed: bool = True
+    host: str = "?"
+    pid: int = 0
+
+
+def stall_line(rank: int, size: int, view: PeerView, now: float, timeout: float) -> str | None:
+    """The one-line report if `view` shows a stuck rank, else None (pure: unit-tested)."""
+    silent = now - view.heard_at
+    where = f"rank {rank} of {size} (host {view.host}, pid {view.pid})"
+    if silent > timeout:
+        return (f"hvdinfer: {where} is stuck: no heartbeat for {silent:.0f} s (--stall-timeout {timeout:g}); "
+                f"it last reported '{view.activity}' {silent + view.idle_s:.0f} s ago")
+    idle = view.idle_s + silent
+    if view.armed and idle > timeout:
+        return (f"hvdinfer: {where} is stuck: alive but no progress for {idle:.0f} s (--stall-timeout {timeout:g}); "
+                f"it last reported '{view.activity}'")
+    return None
+
+
+class Watchdog:
+    """One per rank; `beat` from the main thread, everything else runs on its own thread."""
+
+    def __init__(self, link: link_mod.Link | None, rank: int, size: int, timeout: float = DEFAULT_TIMEOUT_S,
+                 interval: float | None = None, exit_fn: Callable[[int], None] = os._exit):
+        if timeout <= 0:
+            raise ValueError(f"stall timeout must be > 0 seconds, got {timeout}")
+        self.link, self.rank, self.size, self.timeout = link, rank, size, float(timeout)
+        self.interval = interval or min(1.0, self.timeout / 10)
+        self.pulse = Pulse()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._last_words: list[Callable[[], None]] = []
+        self._exit = exit_fn
+        self._pending = None
+        now = time.monotonic()
+        others = range(size) if rank == 0 else [0]
+        # Without a link (one rank, or no MPI) a rank can only judge itself.
+        self.peers = {r: PeerView(now) for r in others if r != rank} if link is not None else {}
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self._thread = threading.Thread(target=self._run, name="hvdinfer-watchdog", daemon=True)
+
+    # --- main thread --------------------------------------------------------------------------
+    def beat(self, activity: str) -> None:
+        """The main thread made progress; `activity` is what it is about to do."""
+        self.pulse = Pulse(activity, time.monotonic(), self.pulse.armed)
+
+    @contextlib.contextmanager
+    def quiet(self, activity: str) -> Iterator[None]:
+        """A phase with no beats of its own (model fetch, first trace): only liveness is judged."""
+        previous = self.pulse
+        self.pulse = Pulse(activity, time.monotonic(), armed=False)
+        try:
+            yield
+        finally:
+            self.pulse = Pulse(previous.activity, time.monotonic(), previous.armed)
+
+    def on_stall(self, hook: Callable[[], None]) -> None:
+        """Run `hook` (briefly) before a stall ends this rank, e.g. to flush finished work to disk."""
+        self._last_words.append(hook)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    # --- watchdog thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = time.monotonic()
+            if self.peers:
+                self._exchange(now)
+            self._judge(now)
+
+    def _heartbeat(self) -> dict:
+        pulse = self.pulse
+        return {"activity": pulse.activity, "idle_s": time.monotonic() - pulse.beat_at, "armed": pulse.armed, **self.me}
+
+    def _exchange(self, now: float) -> None:
+        while (got := self.link.poll(link_mod.HEARTBEAT)) is not None:
+            source, news = got
+            if source in self.peers:
+                self.peers[source] = PeerView(now, news["activity"], news["idle_s"], news["armed"], news["host"],
+                                              news["pid"])
+        targets = sorted(self.peers) if self.rank == 0 else [0]
+        # One heartbeat in flight per peer at most: a frozen peer must not make this thread block.
+        if self._pending is not None and not all(req.test()[0] for req in self._pending):
+            return
+        self._pending = [self.link.comm.isend(self._heartbeat(), dest=t, tag=link_mod.HEARTBEAT) for t in targets]
+
+    def _judge(self, now: float) -> None:
+        # The coordinator judges every rank, itself included; a worker judges only the coordinator
+        # (its own silence reaches the coordinator in its heartbeats), so one rank reports a stall.
+        if self.rank == 0 or not self.peers:
+            mine = PeerView(now, self.pulse.activity, now - self.pulse.beat_at, self.pulse.armed, **self.me)
+            views = [(self.rank, mine, now)] + [(r, view, now) for r, view in sorted(self.peers.items())]
+        else:
+            # The coordinator reports its own lack of progress; a worker only reports its silence.
+            coordinator = dataclasses.replace(self.peers[0], armed=False)
+            views = [(0, coordinator, now - REPORT_GRACE_S * (self.rank - 1))]
+        for r, view, at in views:
+            line = stall_line(r, self.size, view, at, self.timeout)
+            if line:
+                self._end_job(line)
+                return
+
+    def _end_job(self, line: str) -> None:
+        print(line + "; ending the job", file=sys.stderr, flush=True)
+        for hook in self._last_words:
+            try:
+                hook()
+            except Exception as exc:  # noqa: BLE001 - last words must not stop the exit
+                print(f"hvdinfer: rank {self.rank}: while ending the job: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        self._exit(EXIT_STALLED)
+
+
+_WATCHDOG: Watchdog | None = None
+
+
+def start(link: link_mod.Link | None, rank: int, size: int, timeout: float) -> Watchdog:
+    """The rank's watchdog, started once; a second call returns the running one."""
+    global _WATCHDOG
+    if _WATCHDOG is None:
+        _WATCHDOG = Watchdog(link, rank, size, timeout).start()
+    return _WATCHDOG
+
+
+def current() -> Watchdog | None:
+    return _WATCHDOG
+
+
+def beat(activity: str) -> None:
+    """Report progress to the running watchdog, if any (a no-op outside a job)."""
+    if _WATCHDOG is not None:
+        _WATCHDOG.beat(activity)
+
+
+@contextlib.contextmanager
+def quiet(activity: str) -> Iterator[None]:
+    if _WATCHDOG is None:
+        yield
+    else:
+        with _WATCHDOG.quiet(activity):
+            yield
