@@ -18,6 +18,7 @@ setup(
         "safetensors",
         "tokenizers",
         "tqdm",
+        "pyarrow>=17,<26",  # 26 needs NumPy 2
     ],
     entry_points={"console_scripts": ["hvdinfer=hvdinfer.cli:main"]},
 )
