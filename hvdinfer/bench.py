@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hvdinfer import runtime
+
 VARIANTS = {
     # name: (ranks (None = --np), worker flags, extra env)
     "keras": (1, ["--mode", "keras"], {}),
@@ -92,7 +94,7 @@ def bench_runtime(np_: int, records: int, batch: int, seq: int, model_size: str,
     if "naive" in results and "keras" in results:
         ratios["naive/keras"] = results["naive"]["records_per_s"] / results["keras"]["records_per_s"]
     report = {"bench": "runtime", "np": np_, "records": records, "batch": batch, "seq": seq,
-              "model_size": model_size, "cores": os.cpu_count(), "results": results, "ratios": ratios}
+              "model_size": model_size, "cores": os.cpu_count(), **machine(), "results": results, "ratios": ratios}
     print("ratios:")
     for key, value in ratios.items():
         print(f"  {key:18s} {value:.2f}x")
@@ -151,8 +153,17 @@ def run_infer_job(np_: int, source: Path, seq: int, precision: str, batch: int, 
             "records": summary["ok"], "ranks": np_, "variant": f"hvdinfer-{precision}"}
 
 
-def bench_infer(np_: int, records: int, batch: int, seq: int, out: Path) -> dict:
-    """hvdinfer infer (fp32 and bf16) vs one Keras predict process vs the naive Horovod loop, + GEMM peak."""
+def machine(precision: str = "auto") -> dict:
+    """The host's CPU model and what `--precision` resolves to on it (bench JSON fields)."""
+    cpuinfo = runtime.read_cpuinfo()
+    chosen, why = runtime.choose_precision(precision, runtime.cpuinfo_flags(cpuinfo),
+                                           runtime.visible_gpu_capabilities())
+    return {"cpu_model": runtime.cpuinfo_model(cpuinfo), "precision": chosen, "precision_reason": why}
+
+
+def bench_infer(np_: int, records: int, batch: int, seq: int, out: Path, precision: str = "auto") -> dict:
+    """hvdinfer infer (fp32, and bf16 where `precision` resolves to it) vs one Keras predict process vs
+    the naive Horovod loop, + GEMM peak. With `auto`, bf16 runs only on hardware that computes it natively."""
     from hvdinfer import assets
     from models import registry
 
@@ -164,29 +175,29 @@ def bench_infer(np_: int, records: int, batch: int, seq: int, out: Path) -> dict
     for name in ("keras", "naive"):
         print(f"running {name} ...", flush=True)
         results[name] = run_variant(name, np_, records, batch, seq, "minilm-l6", timeout=900)
-    for precision in ("fp32", "bf16"):
-        print(f"running hvdinfer-{precision} ...", flush=True)
-        results[f"hvdinfer-{precision}"] = run_infer_job(np_, source, seq, precision, batch, out)
+    host = machine(precision)
+    precisions = ("fp32", "bf16") if host["precision"] == "bf16" else ("fp32",)
+    print(f"precision {precision}: {'fp32 and bf16' if len(precisions) == 2 else 'fp32 only'} "
+          f"({host['precision_reason']}; {host['cpu_model']})", flush=True)
+    for name in precisions:
+        print(f"running hvdinfer-{name} ...", flush=True)
+        results[f"hvdinfer-{name}"] = run_infer_job(np_, source, seq, name, batch, out)
     print("measuring the fp32 GEMM peak ...", flush=True)
     peak = gemm_peak()
     flops = flops_per_record(registry.size("minilm-l6"), seq)
     for name, r in results.items():
         r["gflops"] = r["records_per_s"] * flops / 1e9
         print(f"  {name:15s} {r['records_per_s']:8.2f} records/s  {r['gflops']:7.1f} GFLOP/s  ({r['ranks']} rank(s))")
-    ratios = {
-        "hvdinfer-fp32/keras": results["hvdinfer-fp32"]["records_per_s"] / results["keras"]["records_per_s"],
-        "hvdinfer-bf16/keras": results["hvdinfer-bf16"]["records_per_s"] / results["keras"]["records_per_s"],
-        "hvdinfer-fp32/naive": results["hvdinfer-fp32"]["records_per_s"] / results["naive"]["records_per_s"],
-        "hvdinfer-bf16/naive": results["hvdinfer-bf16"]["records_per_s"] / results["naive"]["records_per_s"],
-        "hvdinfer-fp32/gemm-peak": results["hvdinfer-fp32"]["gflops"] * 1e9 / peak,
-    }
+    ratios = {f"hvdinfer-{name}/{base}": results[f"hvdinfer-{name}"]["records_per_s"] / results[base]["records_per_s"]
+              for name in precisions for base in ("keras", "naive")}
+    ratios["hvdinfer-fp32/gemm-peak"] = results["hvdinfer-fp32"]["gflops"] * 1e9 / peak
     print(f"  fp32 GEMM peak  {peak / 1e9:8.1f} GFLOP/s (2048^3, one process, all cores)")
     print("ratios:")
     for key, value in ratios.items():
         print(f"  {key:24s} {value:.2f}x")
     report = {"bench": "infer", "np": np_, "records": records, "batch": batch, "seq": seq, "model_size": "minilm-l6",
-              "cores": os.cpu_count(), "flops_per_record": flops, "gemm_peak_flops": peak, "results": results,
-              "ratios": ratios}
+              "cores": os.cpu_count(), **host, "flops_per_record": flops, "gemm_peak_flops": peak,
+              "results": results, "ratios": ratios}
     write_report(report, out, "infer")
     return report
 
@@ -222,7 +233,7 @@ def bench_finetune(steps: int, batch: int, seq: int, out: Path) -> dict:
     for key, value in ratios.items():
         print(f"  {key:18s} {value:.2f}x")
     report = {"bench": "finetune", "np": 2, "records": steps, "batch": batch, "seq": seq, "model_size": "minilm-l6",
-              "cores": os.cpu_count(), "results": results, "ratios": ratios}
+              "cores": os.cpu_count(), **machine(), "results": results, "ratios": ratios}
     write_report(report, out, "finetune")
     return report
 

@@ -28,6 +28,12 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for Python, NumPy and TF on every rank")
 
 
+def _add_precision_flag(p: argparse.ArgumentParser, what: str = "compute in") -> None:
+    p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
+                   help=f"{what} bf16 only where the hardware computes it natively (auto, the default: GPU compute "
+                        "capability >= 8.0, CPU avx512_bf16/amx_bf16; else fp32), always (bf16) or never (fp32)")
+
+
 def _runtime_config(args: argparse.Namespace) -> runtime.RuntimeConfig:
     for flag in ("threads", "inter_threads"):
         if getattr(args, flag) < 0:
@@ -88,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    _add_precision_flag(p)
     _add_runtime_flags(p)
 
     p = sub.add_parser("bench", help="side-by-side throughput ratios (JSON + PNG)")
@@ -100,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-size", default="minilm-l6")
     p.add_argument("--variants", default="keras,naive,naive+threads,naive+cycle20,naive+yield,hvdinfer")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
+    _add_precision_flag(p, "infer: run the bf16 variant")
 
     p = sub.add_parser("demo", help="the main job end to end on --np ranks")
     p.add_argument("--np", type=int, default=2)
     p.add_argument("--story", default="finetune", choices=["finetune", "embed"],
                    help="finetune: fine-tune + classify held-out reviews; embed: embeddings + neighbours")
     p.add_argument("--out", type=Path, default=Path("demo-out"))
+    _add_precision_flag(p, "finetune story: compute in")
     return parser
 
 
@@ -147,8 +155,9 @@ def dispatch(args: argparse.Namespace) -> int:
         summary = finetune.run(cfg, _runtime_config(args))
         if runtime.init_runtime().is_coordinator:
             print(f"finetune: {summary['epochs']} epoch(s) on {summary['ranks']} rank(s) in {summary['seconds']:.1f} s "
-                  f"({summary['samples_per_s']:.1f} samples/s); eval accuracy {_metric(summary['eval_accuracy'])}, "
-                  f"macro-F1 {_metric(summary['eval_macro_f1'])}", flush=True)
+                  f"({summary['samples_per_s']:.1f} samples/s, {summary['precision']}); "
+                  f"eval accuracy {_metric(summary['eval_accuracy'])}, macro-F1 {_metric(summary['eval_macro_f1'])}",
+                  flush=True)
         return 0
     if args.command == "bench":
         from hvdinfer import bench
@@ -159,14 +168,14 @@ def dispatch(args: argparse.Namespace) -> int:
             bench.bench_runtime(args.np, args.records, args.batch_size, args.seq, args.model_size, args.out,
                                 [v for v in args.variants.split(",") if v])
         if args.which in ("all", "infer"):
-            bench.bench_infer(args.np, args.records, args.batch_size, args.seq, args.out)
+            bench.bench_infer(args.np, args.records, args.batch_size, args.seq, args.out, args.precision)
         if args.which in ("all", "finetune"):
             bench.bench_finetune(steps=20, batch=16, seq=64, out=args.out)
         return 0
     if args.command == "demo":
         from hvdinfer import demo
 
-        return demo.run(args.np, args.out, args.story)
+        return demo.run(args.np, args.out, args.story, args.precision)
     raise AssertionError(args.command)
 
 

@@ -70,8 +70,9 @@ class FinetuneConfig:
     """Seeds the head's initialisation, the data order of every epoch and dropout."""
     resume: bool = False
     """Continue from the last checkpoint in output_dir."""
-    precision: str = "fp32"
-    """fp32, or bf16 compute with float32 weights, optimizer state and loss (faster on AVX512-BF16/AMX)."""
+    precision: str = "auto"
+    """auto (bf16 where the hardware computes it natively, else fp32), fp32, or bf16 compute with
+    float32 weights, optimizer state and loss."""
 
     def __post_init__(self):
         if self.task != "classify":
@@ -79,8 +80,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise JobError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.precision not in ("fp32", "bf16"):
-            raise JobError(f"--precision must be fp32 or bf16, not {self.precision!r}")
+        if self.precision not in runtime.PRECISIONS:
+            raise JobError(f"--precision must be one of {', '.join(runtime.PRECISIONS)}, not {self.precision!r}")
         if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.dropout < 1:
             raise JobError("--lr must be > 0, --warmup-steps >= 0 and 0 <= --dropout < 1")
 
@@ -193,8 +194,9 @@ def classification_metrics(counts: np.ndarray, labels: list[str]) -> dict:
                           for label, p, r, f, s in zip(labels, precision, recall, f1, actual)}}
 
 
-def training_identity(cfg: FinetuneConfig, labels: list[str], size: int, train: LabeledSet) -> dict:
-    """What must not change between a run and its resume for the resume to be exact."""
+def training_identity(cfg: FinetuneConfig, labels: list[str], size: int, train: LabeledSet, precision: str) -> dict:
+    """What must not change between a run and its resume for the resume to be exact (`precision` as
+    resolved, so `auto` resumes on the same hardware and refuses to switch precision on other)."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -202,7 +204,7 @@ def training_identity(cfg: FinetuneConfig, labels: list[str], size: int, train: 
         digest.update(f"{label}\t{text}\n".encode("utf-8", "surrogateescape"))
     return {"labels": labels, "size": size, "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "no_lr_scaling": cfg.no_lr_scaling, "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay,
-            "dropout": cfg.dropout, "max_length": cfg.max_length, "precision": cfg.precision,
+            "dropout": cfg.dropout, "max_length": cfg.max_length, "precision": precision,
             "train_sha256": digest.hexdigest()}
 
 
@@ -247,12 +249,12 @@ def write_model_dir(model, base_dir: Path, out_dir: Path, max_length: int) -> No
     heads.save_head(model, out_dir)
 
 
-def build_model(cfg: FinetuneConfig, labels: list[str]):
-    """(classifier, tokenizer, base model dir) from the base model."""
+def build_model(cfg: FinetuneConfig, labels: list[str], precision: str):
+    """(classifier, tokenizer, base model dir) from the base model, computing in `precision`."""
     from hvdinfer import assets
     from models import bert, heads, loading
 
-    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if cfg.precision == "bf16" else "float32")
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
     try:
         base = assets.resolve_model(cfg.model) if cfg.model in assets.ASSETS else Path(cfg.model)
         embedder, tokenizer, info = loading.load_sentence_embedder(base)
@@ -263,7 +265,8 @@ def build_model(cfg: FinetuneConfig, labels: list[str]):
     return model, tokenizer, info.model_dir
 
 
-def check_resume(cfg: FinetuneConfig, labels: list[str], size: int, train: LabeledSet) -> tuple[int, Path] | None:
+def check_resume(cfg: FinetuneConfig, labels: list[str], size: int, train: LabeledSet,
+                 precision: str) -> tuple[int, Path] | None:
     """(epoch, checkpoint dir) to continue from, after checking it continues this very run; None: start fresh."""
     found = last_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and found is None:
@@ -271,7 +274,7 @@ def check_resume(cfg: FinetuneConfig, labels: list[str], size: int, train: Label
     if found is None:
         return None
     state = json.loads((found[1] / "state.json").read_text())
-    now = training_identity(cfg, labels, size, train)
+    now = training_identity(cfg, labels, size, train, precision)
     changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
     if changed:
         raise JobError(f"--resume: {found[1]} was written with other settings, so resuming would not continue "
@@ -293,10 +296,11 @@ class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
     """At every epoch end: eval across ranks, then (coordinator) log, TensorBoard, metrics.json and an
     atomic checkpoint."""
 
-    def __init__(self, cfg, rt, model, tokenizer, evaluation, labels, ckpt, identity, history):
+    def __init__(self, cfg, rt, model, tokenizer, evaluation, labels, ckpt, identity, history, precision_reason):
         super().__init__()
         self.cfg, self.rt, self.net, self.tokenizer = cfg, rt, model, tokenizer
         self.evaluation, self.labels, self.ckpt, self.identity, self.history = evaluation, labels, ckpt, identity, history
+        self.precision_reason = precision_reason
         self.writer = tf.summary.create_file_writer(str(cfg.output_dir / "tensorboard")) if rt.is_coordinator else None
         self.start = time.perf_counter()
 
@@ -318,7 +322,9 @@ class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
         self.writer.flush()
         step = int(self.net.optimizer.iterations.numpy())
         save_checkpoint(self.ckpt, self.cfg, epoch + 1, {"epoch": epoch + 1, "step": step, **self.identity})
-        output.write_json(self.cfg.output_dir / "metrics.json", {"labels": self.labels, "epochs": self.history})
+        output.write_json(self.cfg.output_dir / "metrics.json", {
+            "labels": self.labels, "precision": self.identity["precision"], "precision_reason": self.precision_reason,
+            "epochs": self.history})
 
 
 def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
@@ -326,9 +332,10 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
 
     rt = runtime.init_runtime(runtime_config)
     train, evaluation, labels = load_data(cfg)
-    resume_from = check_resume(cfg, labels, rt.size, train)
+    precision, precision_reason = runtime.resolve_precision(cfg.precision, collect.allgather_json)
+    resume_from = check_resume(cfg, labels, rt.size, train, precision)
     first_epoch = resume_from[0] if resume_from else 0
-    model, tokenizer, base_dir = build_model(cfg, labels)
+    model, tokenizer, base_dir = build_model(cfg, labels, precision)
     if cfg.max_length > model.config.max_position:
         raise JobError(f"--max-length {cfg.max_length} exceeds the model's {model.config.max_position} positions")
     token_ids, _ = tokenizer.encode_ids(train.texts, cfg.max_length)
@@ -347,7 +354,8 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
 
     history = [h for h in _read_history(cfg) if h["epoch"] <= first_epoch] if resume_from else []
     epoch_end = EvaluateAndCheckpoint(cfg, rt, model, tokenizer, evaluation, labels, ckpt,
-                                      training_identity(cfg, labels, rt.size, train), history)
+                                      training_identity(cfg, labels, rt.size, train, precision), history,
+                                      precision_reason)
     steps = steps_per_epoch(len(train.texts), rt.size, cfg.batch_size)
     start = time.perf_counter()
     if first_epoch < cfg.epochs:
@@ -361,7 +369,8 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     trained = (cfg.epochs - first_epoch) * steps * cfg.batch_size * rt.size
     final = history[-1]["eval"] if history else {}
     return {"epochs": cfg.epochs, "ranks": rt.size, "seconds": seconds, "samples_per_s": trained / seconds if seconds else 0,
-            "eval_accuracy": final.get("accuracy"), "eval_macro_f1": final.get("macro_f1")}
+            "eval_accuracy": final.get("accuracy"), "eval_macro_f1": final.get("macro_f1"), "precision": precision,
+            "precision_reason": precision_reason}
 
 
 def _read_history(cfg: FinetuneConfig) -> list[dict]:

@@ -245,3 +245,14 @@ def test_tuned_model_directory_truncates_as_training_did(tmp_path, straight):
     import json
 
     assert json.loads((straight / "sentence_bert_config.json").read_text())["max_seq_length"] == 16
+
+
+def test_auto_precision_is_resolved_on_this_host_and_recorded(straight):
+    from hvdinfer import runtime
+
+    want = runtime.choose_precision("auto", runtime.cpuinfo_flags(runtime.read_cpuinfo()),
+                                    runtime.visible_gpu_capabilities())
+    metrics = read_metrics(straight)
+    assert (metrics["precision"], metrics["precision_reason"]) == want
+    state = json.loads((straight / "checkpoints" / "epoch-0002" / "state.json").read_text())
+    assert state["precision"] == want[0]  # resolved, never "auto": a resume on this host matches

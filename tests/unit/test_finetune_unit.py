@@ -156,6 +156,7 @@ def test_unseen_eval_label_names_the_file_line_not_the_record_index(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"epochs": 0}, "--epochs must be >= 1"), ({"batch_size": 0}, "--batch-size must be >= 1"),
     ({"lr": 0.0}, "--lr must be > 0"), ({"dropout": 1.0}, "--dropout"), ({"task": "embed"}, "only classify"),
+    ({"precision": "fp16"}, "--precision must be one of auto, fp32, bf16, not 'fp16'"),
 ])
 def test_config_refuses_bad_values(tmp_path, overrides, message):
     with pytest.raises(JobError) as info:
