@@ -157,6 +157,7 @@ def init_runtime(config: RuntimeConfig | None = None) -> Runtime:
     intra, inter = thread_plan(config, _launcher_local_size(), cores)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+    _init_mpi_first()
     import tensorflow as tf
     import horovod.tensorflow as hvd
 
@@ -186,6 +187,18 @@ def init_runtime(config: RuntimeConfig | None = None) -> Runtime:
     )
     setup_logging(_RUNTIME.rank)
     return _RUNTIME
+
+
+def _init_mpi_first() -> None:
+    """MPI is initialised by mpi4py (MPI_THREAD_MULTIPLE), before Horovod, so it outlives Horovod.
+
+    When Horovod initialises MPI it also finalises it, from its background thread, as soon as any
+    rank shuts Horovod down; the other ranks' engine threads (hvdinfer.engine) would then call MPI
+    after MPI_Finalize and crash on the way out. Initialised here, MPI stays up until this process
+    exits. Skipped under Horovod's Gloo controller, which runs without MPI.
+    """
+    if os.environ.get("HOROVOD_CONTROLLER", "").lower() != "gloo":
+        from mpi4py import MPI  # noqa: F401 - the import initialises MPI
 
 
 def _pin_device(tf, local_rank: int) -> str:

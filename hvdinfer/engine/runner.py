@@ -13,8 +13,10 @@ the current one computes, and sends each result back. When every chunk is journa
 coordinator tells each worker there is nothing more; the task then assembles its output and calls
 `finish`, which gives every rank the job's summary, so all ranks end together.
 
-Test knob: HVDINFER_TEST_SLOW_RANK=R:F makes rank R take F times as long per chunk (it sleeps
-(F-1) x its compute time after each chunk), to show what dynamic allocation buys.
+Test knobs: HVDINFER_TEST_SLOW_RANK=R:F makes rank R take F times as long per chunk (it sleeps
+(F-1) x its compute time after each chunk), to show what dynamic allocation buys;
+HVDINFER_TEST_CHUNK_SECONDS=S makes every chunk take at least S seconds, so tests can stop or kill
+a job in its middle.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ class _Computer:
     def __init__(self, task: ChunkTask, rank: int):
         self.task = task
         self.slow = slow_factor(rank)
+        self.min_seconds = float(os.environ.get("HVDINFER_TEST_CHUNK_SECONDS", "0"))
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hvdinfer-prepare")
         self.pending: queue.Queue = queue.Queue()
 
@@ -77,8 +80,8 @@ class _Computer:
         watchdog.beat(f"computing chunk {chunk_id}")
         start = time.perf_counter()
         result = self.task.compute(prepared)
-        if self.slow > 1:
-            time.sleep((self.slow - 1) * (time.perf_counter() - start))
+        took = time.perf_counter() - start
+        time.sleep(max((self.slow - 1) * took, self.min_seconds - took, 0.0))
         return result
 
     def close(self) -> None:
