@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N optimizer steps, mid-epoch (default 0: at epoch ends only)")
     _add_precision_flag(p)
     _add_runtime_flags(p)
 
@@ -151,7 +153,7 @@ def dispatch(args: argparse.Namespace) -> int:
             text_field=args.text_field, label_field=args.label_field, epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, no_lr_scaling=args.no_lr_scaling, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, dropout=args.dropout, max_length=args.max_length, seed=args.seed,
-            resume=args.resume, precision=args.precision)
+            resume=args.resume, checkpoint_every=args.checkpoint_every, precision=args.precision)
         summary = finetune.run(cfg, _runtime_config(args))
         if runtime.init_runtime().is_coordinator:
             print(f"finetune: {summary['epochs']} epoch(s) on {summary['ranks']} rank(s) in {summary['seconds']:.1f} s "

@@ -1,15 +1,32 @@
 """Data-parallel fine-tuning of a sentence embedder + classifier head, with exact resume.
 
     mpirun -np 2 --oversubscribe --bind-to none .venv/bin/hvdinfer finetune --model minilm-l6 \
-        --task classify --train train.jsonl --eval eval.jsonl --output-dir runs/rt
-    ... the same command with --resume continues from the last epoch checkpoint.
+        --task classify --train train.jsonl --eval eval.jsonl --output-dir runs/rt [--checkpoint-every N]
+    ... the same command with --resume continues from the last checkpoint.
 
 The data path, top-down: read + validate (every rank, before any training) -> tokenise -> each
 epoch a seeded permutation of the training set, dealt round-robin to the ranks and padded by
 wrap-around so every rank takes the same number of steps -> `fit` with hvd.DistributedOptimizer ->
-at each epoch end: evaluation over the whole eval set across ranks (confusion counts allreduced),
-metrics.json and an atomic checkpoint from the coordinator -> at the end, DIR is a model directory
-that `hvdinfer infer --task classify` loads.
+every N optimizer steps (--checkpoint-every) a mid-epoch checkpoint -> at each epoch end:
+evaluation over the whole eval set across ranks (confusion counts allreduced), metrics.json and an
+atomic epoch checkpoint from the coordinator -> at the end, DIR is a model directory that
+`hvdinfer infer --task classify` loads.
+
+Checkpoints live in DIR/checkpoints: `epoch-NNNN` after each epoch, and at most one `step-NNNNNNNN`
+(the newest mid-epoch one; an epoch checkpoint makes it stale and removes it). Each holds the
+weights, optimizer state and dropout counter, and state.json with the position (epochs done, steps
+into the next epoch, optimizer step) and the run's identity. Only the coordinator writes them, each
+staged in a hidden directory and renamed into place. `--resume` continues from the furthest one:
+from a mid-epoch checkpoint, a first `fit` runs the rest of the interrupted epoch (its seeded batch
+order, less the batches already trained) and that epoch's evaluation and checkpoint, then training
+goes on epoch by epoch. The weights end bitwise as an uninterrupted run's. The resumed epoch's
+logged train loss and accuracy are Keras' running means since the resume, so they cover only the
+steps trained after it (`train_steps` in its metrics.json record says how many); its evaluation
+covers the whole eval set as always.
+
+Test-only knob: HVDINFER_TEST_EXIT_AFTER_CHECKPOINT=k makes the coordinator exit with status 3 right
+after writing its k-th checkpoint of the process (mpirun then ends the other ranks): a crash at a
+known point, for the resume tests.
 """
 from __future__ import annotations
 
@@ -17,6 +34,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +47,8 @@ from hvdinfer.runtime import JobError
 
 LOG = runtime.LOG
 CHECKPOINTS = "checkpoints"
+TEST_EXIT_AFTER_CHECKPOINT = "HVDINFER_TEST_EXIT_AFTER_CHECKPOINT"
+TEST_EXIT_STATUS = 3
 MODEL_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "tokenizer.json", "1_Pooling")
 
 
@@ -70,6 +90,8 @@ class FinetuneConfig:
     """Seeds the head's initialisation, the data order of every epoch and dropout."""
     resume: bool = False
     """Continue from the last checkpoint in output_dir."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many optimizer steps, mid-epoch (0: only at epoch ends)."""
     precision: str = "auto"
     """auto (bf16 where the hardware computes it natively, else fp32), fp32, or bf16 compute with
     float32 weights, optimizer state and loss."""
@@ -80,6 +102,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise JobError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.checkpoint_every < 0:
+            raise JobError("--checkpoint-every must be >= 0 (0: checkpoints at epoch ends only)")
         if self.precision not in runtime.PRECISIONS:
             raise JobError(f"--precision must be one of {', '.join(runtime.PRECISIONS)}, not {self.precision!r}")
         if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.dropout < 1:
@@ -152,18 +176,32 @@ def bucketed_steps(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng:
     return [steps[i] for i in rng.permutation(len(steps))]
 
 
-def batches_from(epoch: int, cfg: FinetuneConfig, data: LabeledSet, token_ids: list[list[int]], pad_id: int,
+@dataclasses.dataclass(frozen=True, order=True)
+class Position:
+    """Where training stands: `epoch` epochs done and `step_in_epoch` optimizer steps into the next one."""
+
+    epoch: int
+    step_in_epoch: int = 0
+
+    def step(self, steps_per_epoch: int) -> int:
+        """The optimizer step of the whole run."""
+        return self.epoch * steps_per_epoch + self.step_in_epoch
+
+
+def batches_from(start: Position, cfg: FinetuneConfig, data: LabeledSet, token_ids: list[list[int]], pad_id: int,
                  rt: runtime.Runtime):
-    """Endless (inputs, labels) batches from `epoch` on, in the order `fit` consumes them."""
+    """Endless (inputs, labels) batches from `start` on, in the order `fit` consumes them: `start`'s
+    epoch in its seeded order less the batches already trained, then whole epochs."""
     lengths = np.array([len(t) for t in token_ids])
+    epoch, skip = start.epoch, start.step_in_epoch
     while True:
         order = epoch_shard(len(data.texts), epoch, cfg.seed, rt.size, rt.rank, cfg.batch_size)
         rng = np.random.default_rng([cfg.seed, epoch, rt.rank])
-        for rows in bucketed_steps(order, lengths, cfg.batch_size, rng):
+        for rows in bucketed_steps(order, lengths, cfg.batch_size, rng)[skip:]:
             batch = batching.make_batches(rows, [token_ids[r] for r in rows], len(rows), pad_id,
                                           sort_by_length=False)[0]
             yield batch.inputs(), data.labels[rows]
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def confusion(model, tokenizer, data: LabeledSet, num_labels: int, rt: runtime.Runtime, batch_size: int,
@@ -208,19 +246,47 @@ def training_identity(cfg: FinetuneConfig, labels: list[str], size: int, train: 
             "train_sha256": digest.hexdigest()}
 
 
-def checkpoint_dir(cfg: FinetuneConfig, epoch: int) -> Path:
-    return cfg.output_dir / CHECKPOINTS / f"epoch-{epoch:04d}"
+def mid_epoch_checkpoint_due(position: Position, steps: int, every: int) -> bool:
+    """Whether the step that reached `position` ends with a mid-epoch checkpoint: every `every` steps
+    of the whole run, except at an epoch end, which has its own."""
+    return every > 0 and position.step(steps) % every == 0 and 0 < position.step_in_epoch < steps
 
 
-def last_checkpoint(cfg: FinetuneConfig) -> tuple[int, Path] | None:
+def checkpoint_name(position: Position, steps: int) -> str:
+    return f"step-{position.step(steps):08d}" if position.step_in_epoch else f"epoch-{position.epoch:04d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedCheckpoint:
+    position: Position
+    path: Path
+    state: dict
+
+
+def last_checkpoint(cfg: FinetuneConfig) -> SavedCheckpoint | None:
+    """The complete checkpoint furthest into training (epoch end or mid-epoch), if any."""
     root = cfg.output_dir / CHECKPOINTS
-    done = sorted(p for p in root.glob("epoch-*") if (p / "state.json").is_file()) if root.is_dir() else []
-    return (int(done[-1].name.split("-")[1]), done[-1]) if done else None
+    found = []
+    for path in (sorted(root.glob("epoch-*")) + sorted(root.glob("step-*"))) if root.is_dir() else []:
+        if (path / "state.json").is_file():
+            state = json.loads((path / "state.json").read_text())
+            found.append(SavedCheckpoint(Position(state["epoch"], state.get("step_in_epoch", 0)), path, state))
+    return max(found, key=lambda c: c.position, default=None)
 
 
-def save_checkpoint(ckpt, cfg: FinetuneConfig, epoch: int, state: dict) -> Path:
+def drop_mid_epoch_checkpoints(root: Path, keep: Path | None = None) -> None:
+    """Remove every mid-epoch checkpoint but `keep`: renamed out of last_checkpoint's sight first."""
+    for path in root.glob("step-*"):
+        if path != keep:
+            stale = path.with_name(f".{path.name}.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(path, stale)
+            shutil.rmtree(stale)
+
+
+def save_checkpoint(ckpt, root: Path, name: str, state: dict) -> Path:
     """Coordinator only: weights + optimizer state (tf.train.Checkpoint) + state.json, swapped in whole."""
-    final = checkpoint_dir(cfg, epoch)
+    final = root / name
     staging = final.with_name(f".{final.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -266,65 +332,112 @@ def build_model(cfg: FinetuneConfig, labels: list[str], precision: str):
 
 
 def check_resume(cfg: FinetuneConfig, labels: list[str], size: int, train: LabeledSet,
-                 precision: str) -> tuple[int, Path] | None:
-    """(epoch, checkpoint dir) to continue from, after checking it continues this very run; None: start fresh."""
+                 precision: str) -> SavedCheckpoint | None:
+    """The checkpoint to continue from, after checking it continues this very run; None: start fresh."""
     found = last_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and found is None:
         LOG.warning("--resume: no checkpoint in %s; starting from the base model", cfg.output_dir / CHECKPOINTS)
     if found is None:
         return None
-    state = json.loads((found[1] / "state.json").read_text())
     now = training_identity(cfg, labels, size, train, precision)
-    changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+    changed = {k: (found.state.get(k), v) for k, v in now.items() if found.state.get(k) != v}
     if changed:
-        raise JobError(f"--resume: {found[1]} was written with other settings, so resuming would not continue "
+        raise JobError(f"--resume: {found.path} was written with other settings, so resuming would not continue "
                        "the same run: " + "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
-    if found[0] > cfg.epochs:
-        raise JobError(f"--resume: the last checkpoint is epoch {found[0]}, beyond --epochs {cfg.epochs}")
+    if found.position > Position(cfg.epochs):
+        raise JobError(f"--resume: the last checkpoint {found.path.name} is {found.position.epoch} epoch(s) and "
+                       f"{found.position.step_in_epoch} step(s) in, beyond --epochs {cfg.epochs}")
     return found
 
 
-def restore(ckpt, optimizer, checkpoint: Path) -> None:
+def restore(ckpt, optimizer, checkpoint: SavedCheckpoint) -> None:
     """Every rank reads the checkpoint; rank 0's copy is then broadcast anyway (BroadcastGlobalVariablesCallback)."""
-    ckpt.read(str(checkpoint / "ckpt")).assert_consumed()
-    step = json.loads((checkpoint / "state.json").read_text())["step"]
+    ckpt.read(str(checkpoint.path / "ckpt")).assert_consumed()
+    step = checkpoint.state["step"]
     if int(optimizer.iterations.numpy()) != step:
-        raise JobError(f"--resume: {checkpoint} restored step {int(optimizer.iterations.numpy())}, expected {step}")
+        raise JobError(f"--resume: {checkpoint.path} restored step {int(optimizer.iterations.numpy())}, "
+                       f"expected {step}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What the work between steps and epochs needs to know about this run."""
+
+    cfg: FinetuneConfig
+    rt: runtime.Runtime
+    tokenizer: object
+    evaluation: LabeledSet
+    labels: list[str]
+    ckpt: tf.train.Checkpoint
+    identity: dict
+    """training_identity: written into every checkpoint."""
+    precision_reason: str
+    steps: int
+    """Optimizer steps per epoch."""
 
 
 class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
-    """At every epoch end: eval across ranks, then (coordinator) log, TensorBoard, metrics.json and an
-    atomic checkpoint."""
+    """Every cfg.checkpoint_every optimizer steps a mid-epoch checkpoint; at every epoch end eval across
+    ranks, then (coordinator) log, TensorBoard, metrics.json and an epoch checkpoint."""
 
-    def __init__(self, cfg, rt, model, tokenizer, evaluation, labels, ckpt, identity, history, precision_reason):
+    def __init__(self, job: Training, start: Position, history: list[dict]):
         super().__init__()
-        self.cfg, self.rt, self.net, self.tokenizer = cfg, rt, model, tokenizer
-        self.evaluation, self.labels, self.ckpt, self.identity, self.history = evaluation, labels, ckpt, identity, history
-        self.precision_reason = precision_reason
-        self.writer = tf.summary.create_file_writer(str(cfg.output_dir / "tensorboard")) if rt.is_coordinator else None
+        self.job, self.history = job, history
+        self.skipped = start.step_in_epoch  # batches of the first epoch trained before a resume: Keras counts from 0
+        self.epoch = start.epoch
+        self.written = 0
+        self.writer = (tf.summary.create_file_writer(str(job.cfg.output_dir / "tensorboard"))
+                       if job.rt.is_coordinator else None)
         self.start = time.perf_counter()
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        position = Position(self.epoch, self.skipped + batch + 1)
+        if mid_epoch_checkpoint_due(position, self.job.steps, self.job.cfg.checkpoint_every):
+            self.checkpoint(position)
+
     def on_epoch_end(self, epoch, logs=None):
-        counts = confusion(self.net, self.tokenizer, self.evaluation, len(self.labels), self.rt, self.cfg.batch_size,
-                           self.cfg.max_length)
-        metrics = classification_metrics(counts, self.labels)
+        cfg = self.job.cfg
+        counts = confusion(self.model, self.job.tokenizer, self.job.evaluation, len(self.job.labels), self.job.rt,
+                           cfg.batch_size, cfg.max_length)
+        metrics = classification_metrics(counts, self.job.labels)
         record = {"epoch": epoch + 1, "train_loss": float(logs["loss"]), "train_accuracy": float(logs["accuracy"]),
-                  "eval": metrics, "seconds": time.perf_counter() - self.start}
+                  "train_steps": self.job.steps - self.skipped, "eval": metrics,
+                  "seconds": time.perf_counter() - self.start}
+        self.skipped = 0
         self.history.append(record)
-        if not self.rt.is_coordinator:
+        if self.job.rt.is_coordinator:
+            LOG.info("epoch %d/%d: loss %.4f, eval accuracy %.4f, macro-F1 %.4f (%d examples)", epoch + 1, cfg.epochs,
+                     record["train_loss"], metrics["accuracy"], metrics["macro_f1"], metrics["examples"])
+            with self.writer.as_default(step=epoch + 1):
+                tf.summary.scalar("train/loss", record["train_loss"])
+                tf.summary.scalar("eval/accuracy", metrics["accuracy"])
+                tf.summary.scalar("eval/macro_f1", metrics["macro_f1"])
+            self.writer.flush()
+            # metrics.json before the checkpoint: a resume from the previous one drops this epoch's record.
+            output.write_json(cfg.output_dir / "metrics.json", {
+                "labels": self.job.labels, "precision": self.job.identity["precision"],
+                "precision_reason": self.job.precision_reason, "epochs": self.history})
+        self.checkpoint(Position(epoch + 1))
+
+    def checkpoint(self, position: Position) -> None:
+        """Coordinator only: an atomic checkpoint at `position`; then only the newest mid-epoch one stays."""
+        if not self.job.rt.is_coordinator:
             return
-        LOG.info("epoch %d/%d: loss %.4f, eval accuracy %.4f, macro-F1 %.4f (%d examples)", epoch + 1,
-                 self.cfg.epochs, record["train_loss"], metrics["accuracy"], metrics["macro_f1"], metrics["examples"])
-        with self.writer.as_default(step=epoch + 1):
-            tf.summary.scalar("train/loss", record["train_loss"])
-            tf.summary.scalar("eval/accuracy", metrics["accuracy"])
-            tf.summary.scalar("eval/macro_f1", metrics["macro_f1"])
-        self.writer.flush()
-        step = int(self.net.optimizer.iterations.numpy())
-        save_checkpoint(self.ckpt, self.cfg, epoch + 1, {"epoch": epoch + 1, "step": step, **self.identity})
-        output.write_json(self.cfg.output_dir / "metrics.json", {
-            "labels": self.labels, "precision": self.identity["precision"], "precision_reason": self.precision_reason,
-            "epochs": self.history})
+        root = self.job.cfg.output_dir / CHECKPOINTS
+        state = {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch,
+                 "step": int(self.model.optimizer.iterations.numpy()), **self.job.identity}
+        path = save_checkpoint(self.job.ckpt, root, checkpoint_name(position, self.job.steps), state)
+        drop_mid_epoch_checkpoints(root, keep=path if position.step_in_epoch else None)
+        if position.step_in_epoch:
+            LOG.info("checkpoint %s: step %d of epoch %d", path.name, position.step_in_epoch, position.epoch + 1)
+        self.written += 1
+        if os.environ.get(TEST_EXIT_AFTER_CHECKPOINT) == str(self.written):
+            LOG.warning("%s=%d: exiting after writing %s", TEST_EXIT_AFTER_CHECKPOINT, self.written, path)
+            sys.stdout.flush()
+            os._exit(TEST_EXIT_STATUS)
 
 
 def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
@@ -334,7 +447,7 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     train, evaluation, labels = load_data(cfg)
     precision, precision_reason = runtime.resolve_precision(cfg.precision, collect.allgather_json)
     resume_from = check_resume(cfg, labels, rt.size, train, precision)
-    first_epoch = resume_from[0] if resume_from else 0
+    start = resume_from.position if resume_from else Position(0)
     model, tokenizer, base_dir = build_model(cfg, labels, precision)
     if cfg.max_length > model.config.max_position:
         raise JobError(f"--max-length {cfg.max_length} exceeds the model's {model.config.max_position} positions")
@@ -349,24 +462,31 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     optimizer.build(model.trainable_variables)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
     if resume_from:
-        restore(ckpt, optimizer, resume_from[1])
-        LOG.info("resumed from %s (epoch %d of %d)", resume_from[1], first_epoch, cfg.epochs)
+        restore(ckpt, optimizer, resume_from)
+        LOG.info("resumed from %s (%d of %d epochs done, then %d step(s))", resume_from.path, start.epoch,
+                 cfg.epochs, start.step_in_epoch)
 
-    history = [h for h in _read_history(cfg) if h["epoch"] <= first_epoch] if resume_from else []
-    epoch_end = EvaluateAndCheckpoint(cfg, rt, model, tokenizer, evaluation, labels, ckpt,
-                                      training_identity(cfg, labels, rt.size, train, precision), history,
-                                      precision_reason)
+    history = [h for h in _read_history(cfg) if h["epoch"] <= start.epoch] if resume_from else []
     steps = steps_per_epoch(len(train.texts), rt.size, cfg.batch_size)
-    start = time.perf_counter()
-    if first_epoch < cfg.epochs:
-        model.fit(batches_from(first_epoch, cfg, train, token_ids, tokenizer.pad_id, rt), steps_per_epoch=steps,
-                  epochs=cfg.epochs, initial_epoch=first_epoch, callbacks=callbacks + [epoch_end],
-                  verbose=2 if rt.is_coordinator else 0)
-    seconds = time.perf_counter() - start
+    identity = training_identity(cfg, labels, rt.size, train, precision)
+    job = Training(cfg, rt, tokenizer, evaluation, labels, ckpt, identity, precision_reason, steps)
+    callbacks = callbacks + [EvaluateAndCheckpoint(job, start, history)]
+    verbose = 2 if rt.is_coordinator else 0
+    began = time.perf_counter()
+    epoch = start.epoch
+    if start.step_in_epoch:  # the rest of the interrupted epoch, then its evaluation and checkpoint
+        model.fit(batches_from(start, cfg, train, token_ids, tokenizer.pad_id, rt),
+                  steps_per_epoch=steps - start.step_in_epoch, epochs=epoch + 1, initial_epoch=epoch,
+                  callbacks=callbacks, verbose=verbose)
+        epoch += 1
+    if epoch < cfg.epochs:
+        model.fit(batches_from(Position(epoch), cfg, train, token_ids, tokenizer.pad_id, rt), steps_per_epoch=steps,
+                  epochs=cfg.epochs, initial_epoch=epoch, callbacks=callbacks, verbose=verbose)
+    seconds = time.perf_counter() - began
     if rt.is_coordinator:
         write_model_dir(model, base_dir, cfg.output_dir, cfg.max_length)
         LOG.info("wrote model directory %s", cfg.output_dir)
-    trained = (cfg.epochs - first_epoch) * steps * cfg.batch_size * rt.size
+    trained = (Position(cfg.epochs).step(steps) - start.step(steps)) * cfg.batch_size * rt.size
     final = history[-1]["eval"] if history else {}
     return {"epochs": cfg.epochs, "ranks": rt.size, "seconds": seconds, "samples_per_s": trained / seconds if seconds else 0,
             "eval_accuracy": final.get("accuracy"), "eval_macro_f1": final.get("macro_f1"), "precision": precision,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+import tensorflow as tf
 
 from tests import tiny
 
@@ -27,12 +28,12 @@ FILLER = ["the", "sat", "on", "mat", "a", "run"]
 TRAINING = ("--batch-size", 4, "--lr", 3e-3, "--warmup-steps", 2, "--seed", 7, "--max-length", 16)
 
 
-def hvdinfer(np_, command, *args, timeout=120):
+def hvdinfer(np_, command, *args, timeout=120, env=None):
     """`mpirun -np np_ hvdinfer command args`; on a timeout the whole process group is killed."""
     cmd = ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", HVDINFER, command, *map(str, args)]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=dict(ENV, **(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -45,9 +46,9 @@ def hvdinfer(np_, command, *args, timeout=120):
     return result
 
 
-def finetune(np_, base, train, eval_, out, *args, timeout=120):
+def finetune(np_, base, train, eval_, out, *args, timeout=120, env=None):
     return hvdinfer(np_, "finetune", "--model", base, "--train", train, "--eval", eval_, "--output-dir", out,
-                    *TRAINING, *args, timeout=timeout)
+                    *TRAINING, *args, timeout=timeout, env=env)
 
 
 def labelled(n, seed):
@@ -142,6 +143,50 @@ def test_resume_continues_exactly_where_a_straight_run_would_be(straight, resume
     np.testing.assert_allclose(classify(out, texts), classify(straight, texts), atol=1e-5, rtol=0)
     for path in (straight, out):
         assert json.loads((path / "checkpoints" / "epoch-0002" / "state.json").read_text())["step"] == 6
+
+
+def checkpoints(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def checkpoint_variables(path):
+    reader = tf.train.load_checkpoint(str(path / "ckpt"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+def test_a_run_killed_after_a_mid_epoch_checkpoint_resumes_to_the_straight_runs_weights(tmp_path, base, data,
+                                                                                        straight):
+    # 24 records, batch 4, 2 ranks: 3 steps an epoch, 6 in all. --checkpoint-every 2 checkpoints at
+    # step 2 (mid epoch 1), 3 (end of epoch 1), 4 (mid epoch 2) and 6 (end of epoch 2).
+    out, args = tmp_path / "out", ("--epochs", 2, "--checkpoint-every", 2)
+    crash = "HVDINFER_TEST_EXIT_AFTER_CHECKPOINT"  # the coordinator exits right after its k-th checkpoint
+    proc = finetune(2, base, data["train"], data["eval"], out, *args, env={crash: "1"})
+    assert proc.returncode != 0 and f"{crash}=1: exiting after writing" in proc.stderr, proc.all
+    assert checkpoints(out) == ["step-00000002"] and not (out / "metrics.json").exists()
+    # Resumed 2 steps into epoch 1: its last step and evaluation, then all of epoch 2.
+    proc = finetune(2, base, data["train"], data["eval"], out, *args, "--resume")
+    assert proc.returncode == 0, proc.all
+    assert f"resumed from {out / 'checkpoints' / 'step-00000002'} (0 of 2 epochs done, then 2 step(s))" in proc.stderr
+    assert "checkpoint step-00000004: step 1 of epoch 2" in proc.stderr
+    assert checkpoints(out) == ["epoch-0001", "epoch-0002"]  # an epoch checkpoint makes mid-epoch ones stale
+    for name in ("model.safetensors", "classifier.safetensors"):
+        want, got = safetensors.numpy.load_file(str(straight / name)), safetensors.numpy.load_file(str(out / name))
+        assert sorted(got) == sorted(want)
+        for key in want:
+            diff = np.abs(got[key] - want[key]).max()
+            assert np.array_equal(got[key], want[key]), f"{name}: {key}: max |diff| {diff}"
+    # Bitwise the same optimizer state, step and dropout counter too, at both epoch ends.
+    for epoch in ("epoch-0001", "epoch-0002"):
+        want = checkpoint_variables(straight / "checkpoints" / epoch)
+        got = checkpoint_variables(out / "checkpoints" / epoch)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert np.array_equal(got[key], want[key]), f"{epoch}: {key}"
+    resumed, whole = read_metrics(out)["epochs"], read_metrics(straight)["epochs"]
+    assert [e["eval"] for e in resumed] == [e["eval"] for e in whole]
+    # The resumed epoch's train loss is Keras' mean over the one step trained after the resume.
+    assert [e["train_steps"] for e in resumed] == [1, 3] and [e["train_steps"] for e in whole] == [3, 3]
+    assert resumed[1]["train_loss"] == whole[1]["train_loss"]
 
 
 def test_evaluation_counts_every_eval_record_once_across_ranks(straight, predictions, data):

@@ -1,5 +1,8 @@
 """The pure pieces of `hvdinfer finetune`: metrics from a confusion matrix, the per-epoch data shard
-of each rank, steps per epoch, the warm-up schedule, and the checks on the data before training."""
+of each rank, steps per epoch, the batch order after a mid-epoch resume, when and which checkpoints
+are written and found, the warm-up schedule, and the checks on the data before training."""
+import dataclasses
+import itertools
 import json
 import warnings
 
@@ -9,8 +12,11 @@ import tensorflow as tf
 from hypothesis import given, settings, strategies as st
 
 from hvdinfer.parallel.data_parallel import LinearWarmup, scaled_learning_rate
-from hvdinfer.runtime import JobError
-from hvdinfer.tasks.finetune import FinetuneConfig, classification_metrics, epoch_shard, load_data, steps_per_epoch
+from hvdinfer.runtime import JobError, Runtime
+from hvdinfer.tasks import finetune
+from hvdinfer.tasks.finetune import (FinetuneConfig, LabeledSet, Position, batches_from, classification_metrics,
+                                     epoch_shard, last_checkpoint, load_data, mid_epoch_checkpoint_due,
+                                     steps_per_epoch)
 
 
 def test_metrics_from_a_confusion_matrix_with_a_class_never_predicted():
@@ -88,6 +94,99 @@ def test_fewer_records_than_ranks_still_gives_every_rank_full_batches():
     assert set(parts[2].tolist()) == {0, 1}  # rank 2 has no record of its own: it repeats the epoch
 
 
+def rank_of(size, rank):
+    return Runtime(rank=rank, size=size, local_rank=rank, local_size=size, cross_size=1, intra_op_threads=1,
+                   inter_op_threads=1, device="/CPU:0", controller="mpi")
+
+
+def take(batches, count):
+    return list(itertools.islice(batches, count))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_a_mid_epoch_resume_trains_the_batches_a_straight_run_would_have_next(tmp_path, size):
+    rng = np.random.default_rng(0)
+    n, batch = 41, 3
+    token_ids = [list(range(2, 2 + int(k))) for k in rng.integers(1, 12, n)]  # varied lengths: bucketing matters
+    data = LabeledSet(tmp_path, [f"t{i}" for i in range(n)], np.arange(n) % 3)
+    cfg = FinetuneConfig(model="m", train=tmp_path, eval=tmp_path, output_dir=tmp_path, batch_size=batch, seed=5)
+    steps = steps_per_epoch(n, size, batch)
+    for rank in range(size):
+        rt = rank_of(size, rank)
+        straight = take(batches_from(Position(0), cfg, data, token_ids, 0, rt), 3 * steps)
+        for start in (Position(0, 1), Position(0, steps - 1), Position(1), Position(1, 2), Position(2, steps - 1)):
+            done = start.step(steps)
+            resumed = take(batches_from(start, cfg, data, token_ids, 0, rt), 3 * steps - done)
+            for (inputs, labels), (want_inputs, want_labels) in zip(resumed, straight[done:], strict=True):
+                np.testing.assert_array_equal(labels, want_labels)
+                assert sorted(inputs) == sorted(want_inputs)
+                for key in inputs:
+                    np.testing.assert_array_equal(inputs[key], want_inputs[key])
+        # Skipping is not a no-op: the batches of an epoch differ from one another.
+        assert any(not np.array_equal(a[1], b[1]) for a, b in zip(straight, straight[1:]))
+
+
+@pytest.mark.parametrize("every, steps, total, want", [
+    (0, 5, 15, []),
+    (2, 5, 15, [2, 4, 6, 8, 12, 14]),  # 10 is an epoch end: the epoch checkpoint stands for it
+    (5, 5, 15, []),
+    (7, 5, 15, [7, 14]),
+    (1, 3, 6, [1, 2, 4, 5]),
+])
+def test_mid_epoch_checkpoints_fall_every_n_steps_of_the_run_but_never_on_an_epoch_end(every, steps, total, want):
+    positions = [Position((step - 1) // steps, (step - 1) % steps + 1) for step in range(1, total + 1)]
+    assert [p.step(steps) for p in positions] == list(range(1, total + 1))
+    assert [p.step(steps) for p in positions if mid_epoch_checkpoint_due(p, steps, every)] == want
+
+
+def write_checkpoint(root, name, epoch, step_in_epoch, complete=True):
+    path = root / "checkpoints" / name
+    path.mkdir(parents=True)
+    if complete:
+        (path / "state.json").write_text(json.dumps({"epoch": epoch, "step_in_epoch": step_in_epoch, "step": 0}))
+    return path
+
+
+def test_resume_takes_the_checkpoint_furthest_into_training(tmp_path):
+    cfg = FinetuneConfig(model="m", train=tmp_path, eval=tmp_path, output_dir=tmp_path)
+    assert last_checkpoint(cfg) is None
+    write_checkpoint(tmp_path, "epoch-0001", 1, 0)
+    (tmp_path / "checkpoints" / "epoch-0001" / "state.json").write_text(json.dumps({"epoch": 1, "step": 3}))
+    assert last_checkpoint(cfg).position == Position(1)  # written before mid-epoch checkpoints existed
+    newest = write_checkpoint(tmp_path, "step-00000005", 1, 2)
+    write_checkpoint(tmp_path, "step-00000007", 2, 1, complete=False)  # still staging when the run died
+    write_checkpoint(tmp_path, ".step-00000008.partial", 2, 2)
+    assert (last_checkpoint(cfg).path, last_checkpoint(cfg).position) == (newest, Position(1, 2))
+    write_checkpoint(tmp_path, "epoch-0002", 2, 0)
+    assert last_checkpoint(cfg).path.name == "epoch-0002"
+
+
+def test_resume_refuses_a_checkpoint_past_the_requested_epochs(tmp_path):
+    cfg = FinetuneConfig(model="m", train=tmp_path, eval=tmp_path, output_dir=tmp_path, epochs=1, resume=True)
+    train = LabeledSet(tmp_path, ["a", "b"], np.array([0, 1]))
+    identity = finetune.training_identity(cfg, ["x", "y"], 2, train, "fp32")
+    path = write_checkpoint(tmp_path, "epoch-0001", 1, 0)
+    (path / "state.json").write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "step": 3, **identity}))
+    assert finetune.check_resume(cfg, ["x", "y"], 2, train, "fp32").path == path  # done: nothing left to train
+    path = write_checkpoint(tmp_path, "step-00000004", 1, 1)
+    (path / "state.json").write_text(json.dumps({"epoch": 1, "step_in_epoch": 1, "step": 4, **identity}))
+    with pytest.raises(JobError, match="step-00000004 is 1 epoch.s. and 1 step.s. in, beyond --epochs 1"):
+        finetune.check_resume(cfg, ["x", "y"], 2, train, "fp32")
+    with pytest.raises(JobError, match="precision was 'fp32', now 'bf16'"):
+        finetune.check_resume(dataclasses.replace(cfg, epochs=2), ["x", "y"], 2, train, "bf16")
+
+
+def test_only_the_kept_mid_epoch_checkpoint_survives(tmp_path):
+    root = tmp_path / "checkpoints"
+    epoch = write_checkpoint(tmp_path, "epoch-0001", 1, 0)
+    old, new = write_checkpoint(tmp_path, "step-00000002", 0, 2), write_checkpoint(tmp_path, "step-00000004", 1, 1)
+    finetune.drop_mid_epoch_checkpoints(root, keep=new)
+    assert sorted(p.name for p in root.iterdir()) == [epoch.name, new.name]
+    finetune.drop_mid_epoch_checkpoints(root)
+    assert [p.name for p in root.iterdir()] == [epoch.name]
+    assert not old.exists()
+
+
 def lr_at(schedule, step):
     return float(schedule(tf.constant(step, tf.int64)))
 
@@ -157,6 +256,7 @@ def test_unseen_eval_label_names_the_file_line_not_the_record_index(tmp_path):
     ({"epochs": 0}, "--epochs must be >= 1"), ({"batch_size": 0}, "--batch-size must be >= 1"),
     ({"lr": 0.0}, "--lr must be > 0"), ({"dropout": 1.0}, "--dropout"), ({"task": "embed"}, "only classify"),
     ({"precision": "fp16"}, "--precision must be one of auto, fp32, bf16, not 'fp16'"),
+    ({"checkpoint_every": -1}, "--checkpoint-every must be >= 0"),
 ])
 def test_config_refuses_bad_values(tmp_path, overrides, message):
     with pytest.raises(JobError) as info:
