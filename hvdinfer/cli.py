@@ -162,17 +162,21 @@ def dispatch(args: argparse.Namespace) -> int:
                   flush=True)
         return 0
     if args.command == "bench":
-        from hvdinfer import bench
-
         if args.np < 1:
             raise runtime.JobError("--np must be >= 1")
         if args.which in ("all", "runtime"):
-            bench.bench_runtime(args.np, args.records, args.batch_size, args.seq, args.model_size, args.out,
-                                [v for v in args.variants.split(",") if v])
+            from hvdinfer.bench import runtime as bench_runtime
+
+            bench_runtime.bench_runtime(args.np, args.records, args.batch_size, args.seq, args.model_size, args.out,
+                                        [v for v in args.variants.split(",") if v])
         if args.which in ("all", "infer"):
-            bench.bench_infer(args.np, args.records, args.batch_size, args.seq, args.out, args.precision)
+            from hvdinfer.bench import infer as bench_infer
+
+            bench_infer.bench_infer(args.np, args.records, args.batch_size, args.seq, args.out, args.precision)
         if args.which in ("all", "finetune"):
-            bench.bench_finetune(steps=20, batch=16, seq=64, out=args.out)
+            from hvdinfer.bench import finetune as bench_finetune
+
+            bench_finetune.bench_finetune(steps=20, batch=16, seq=64, out=args.out)
         return 0
     if args.command == "demo":
         from hvdinfer import demo

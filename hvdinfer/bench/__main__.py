@@ -1,0 +1,33 @@
+"""`python -m hvdinfer.bench worker --mode M ...`: one bench variant in its own process tree (run
+by the benches, alone or under mpirun; it prints its result as one JSON line)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hvdinfer.bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker")
+    w.add_argument("--mode", choices=["keras", "naive", "hvdinfer", "train", "keras-fit"], required=True)
+    w.add_argument("--threads", type=int, default=0, help="train: TF intra-op threads per rank")
+    w.add_argument("--split-threads", action="store_true")
+    w.add_argument("--intra", type=int, default=0, help="with --split-threads: override intra-op threads")
+    w.add_argument("--inter", type=int, default=0, help="with --split-threads: override inter-op threads")
+    w.add_argument("--records", type=int, default=256)
+    w.add_argument("--batch", type=int, default=32)
+    w.add_argument("--seq", type=int, default=128)
+    w.add_argument("--model-size", default="minilm-l6")
+    args = parser.parse_args(argv)
+    if args.mode in ("train", "keras-fit"):
+        from hvdinfer.bench import finetune
+
+        return finetune.worker(args)
+    from hvdinfer.bench import runtime
+
+    return runtime.worker(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
