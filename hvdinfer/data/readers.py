@@ -5,17 +5,24 @@ record carries `error` (naming file, line and field) instead of text, so nothing
 dropped. Callers decide: `--on-error fail` raises on the first bad record, `skip` keeps it as an
 error line in the output. Blank lines in JSONL and text files are not records (and are reported
 in `ReadReport.blank_lines`).
+
+The per-line and per-row parsing (`line_records`, `table_records`) is shared with
+`hvdinfer.data.chunks`, which parses the same records a byte range at a time.
 """
 from __future__ import annotations
 
+import bz2
 import csv
 import dataclasses
+import gzip
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 FORMATS = ("jsonl", "csv", "tsv", "text")
+LINE_FORMATS = ("jsonl", "text")
+DECOMPRESSORS = {".bz2": bz2, ".gz": gzip}
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
              ".txt": "text", ".text": "text"}
 
@@ -52,6 +59,15 @@ class ReadReport:
         return [r for r in self.records if not r.ok]
 
 
+@dataclasses.dataclass(frozen=True)
+class Fields:
+    """Which JSON keys or CSV columns hold the text, the id and the label (None: not read)."""
+
+    text: str = "text"
+    id: str | None = "id"
+    label: str | None = None
+
+
 def detect_format(path: Path, explicit: str | None = None) -> str:
     if explicit:
         if explicit not in FORMATS:
@@ -65,22 +81,29 @@ def detect_format(path: Path, explicit: str | None = None) -> str:
     return fmt
 
 
-def _open_text(path: Path) -> str:
-    """The file as text; invalid UTF-8 bytes survive as surrogates so the bad line can be named."""
+def check_input_file(path: Path) -> None:
     if not path.exists():
         raise InputError(f"{path}: no such input file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not an input file")
+
+
+def decode_utf8(raw: bytes) -> str:
+    """Invalid UTF-8 bytes survive as surrogates so the bad line can be named."""
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def delimiter(fmt: str) -> str:
+    return "\t" if fmt == "tsv" else ","
+
+
+def _open_text(path: Path) -> str:
+    """The whole file as text, decompressed, without a leading BOM."""
+    check_input_file(path)
     raw = path.read_bytes()
-    if path.suffix == ".bz2":
-        import bz2
-
-        raw = bz2.decompress(raw)
-    elif path.suffix == ".gz":
-        import gzip
-
-        raw = gzip.decompress(raw)
-    text = raw.decode("utf-8", errors="surrogateescape")
+    if path.suffix in DECOMPRESSORS:
+        raw = DECOMPRESSORS[path.suffix].decompress(raw)
+    text = decode_utf8(raw)
     return text[1:] if text.startswith("\ufeff") else text
 
 
@@ -117,97 +140,113 @@ def read_records(path: str | Path, fmt: str | None = None, text_field: str = "te
     path = Path(path)
     fmt = detect_format(path, fmt)
     content = _open_text(path)
-    if fmt == "jsonl":
-        report = _read_jsonl(path, content, text_field, id_field, label_field)
-    elif fmt == "text":
-        report = _read_text(path, content)
+    fields = Fields(text_field, id_field, label_field)
+    blank = 0
+    if fmt in LINE_FORMATS:
+        lines, blank = numbered_lines(content)
+        records = line_records(fmt, path, lines, 0, fields)
     else:
-        report = _read_table(path, content, "\t" if fmt == "tsv" else ",", text_field, id_field, label_field)
-    report.format = fmt
-    if not report.records:
+        reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter(fmt))
+        header = read_header(path, reader, fields)
+        records = table_records(path, reader, header, 0, 0, fields)
+    if not records:
         raise InputError(f"{path}: no records")
-    return report
+    return ReadReport(str(path), fmt, records, blank)
 
 
-def _numbered_lines(content: str) -> tuple[list[tuple[int, str]], int]:
-    """(1-based line number, line) of every non-blank line, and the number of blank lines."""
-    numbered = [(n, line) for n, line in enumerate(_lines(content), start=1)]
+def numbered_lines(content: str, lines_before: int = 0) -> tuple[list[tuple[int, str]], int]:
+    """(1-based line number, line) of every non-blank line, and the number of blank lines;
+    `content` starts after `lines_before` lines of the file."""
+    numbered = [(n, line) for n, line in enumerate(_lines(content), start=lines_before + 1)]
     kept = [(n, line) for n, line in numbered if line.strip()]
     return kept, len(numbered) - len(kept)
 
 
-def _read_jsonl(path, content, text_field, id_field, label_field) -> ReadReport:
-    records = []
-    lines, blank = _numbered_lines(content)
-    for line_no, line in lines:
-        index = len(records)
-        if _bad_utf8(line):
-            records.append(Record(index, line_no, index, error=f"{path}:{line_no}: invalid UTF-8"))
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            records.append(Record(index, line_no, index,
-                                  error=f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        if not isinstance(obj, dict):
-            records.append(Record(index, line_no, index,
-                                  error=f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}"))
-            continue
-        rid = obj.get(id_field, index) if id_field else index
-        error = _check_text(path, line_no, text_field, obj.get(text_field))
-        label = obj.get(label_field) if label_field else None
-        if error is None and label_field and label is None:
-            error = f"{path}:{line_no}: field '{label_field}': missing"
-        records.append(Record(index, line_no, rid, None if error else obj[text_field], error, label))
-    return ReadReport(str(path), "jsonl", records, blank)
+def line_records(fmt: str, path: Path | str, lines: list[tuple[int, str]], first_index: int,
+                 fields: Fields) -> list[Record]:
+    """One Record per numbered non-blank JSONL or text line, indexed from `first_index`."""
+    parse = _jsonl_record if fmt == "jsonl" else _text_record
+    return [parse(path, index, line_no, line, fields)
+            for index, (line_no, line) in enumerate(lines, start=first_index)]
 
 
-def _read_text(path, content) -> ReadReport:
-    records = []
-    lines, blank = _numbered_lines(content)
-    for line_no, line in lines:
-        index = len(records)
-        error = f"{path}:{line_no}: invalid UTF-8" if _bad_utf8(line) else None
-        records.append(Record(index, line_no, index, None if error else line, error))
-    return ReadReport(str(path), "text", records, blank)
+def _jsonl_record(path, index: int, line_no: int, line: str, fields: Fields) -> Record:
+    if _bad_utf8(line):
+        return Record(index, line_no, index, error=f"{path}:{line_no}: invalid UTF-8")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return Record(index, line_no, index,
+                      error=f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(obj, dict):
+        return Record(index, line_no, index,
+                      error=f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+    rid = obj.get(fields.id, index) if fields.id else index
+    error = _check_text(path, line_no, fields.text, obj.get(fields.text))
+    label = obj.get(fields.label) if fields.label else None
+    if error is None and fields.label and label is None:
+        error = f"{path}:{line_no}: field '{fields.label}': missing"
+    return Record(index, line_no, rid, None if error else obj[fields.text], error, label)
 
 
-def _read_table(path, content, delimiter, text_field, id_field, label_field) -> ReadReport:
-    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter)
+def _text_record(path, index: int, line_no: int, line: str, fields: Fields) -> Record:
+    error = f"{path}:{line_no}: invalid UTF-8" if _bad_utf8(line) else None
+    return Record(index, line_no, index, None if error else line, error)
+
+
+def read_header(path: Path, reader, fields: Fields) -> list[str]:
+    """The first row of a CSV/TSV `reader`, checked to hold the text (and label) column."""
     try:
         header = next(reader)
     except StopIteration:
         raise InputError(f"{path}: empty file (a header line is required)") from None
     except csv.Error as exc:
         raise InputError(f"{path}:1: malformed header ({exc})") from None
-    if text_field not in header:
-        raise InputError(f"{path}:1: no column '{text_field}' in header {header} (use --text-field)")
-    if label_field and label_field not in header:
-        raise InputError(f"{path}:1: no column '{label_field}' in header {header} (use --label-field)")
-    col = {name: i for i, name in enumerate(header)}
-    records = []
+    check_header(path, header, fields)
+    return header
+
+
+def check_header(path: Path | str, header: list[str], fields: Fields) -> None:
+    if fields.text not in header:
+        raise InputError(f"{path}:1: no column '{fields.text}' in header {header} (use --text-field)")
+    if fields.label and fields.label not in header:
+        raise InputError(f"{path}:1: no column '{fields.label}' in header {header} (use --label-field)")
+
+
+def table_rows(reader, lines_before: int = 0) -> Iterator[tuple[int, list[str] | csv.Error]]:
+    """(line where it starts, row or the csv.Error it raised) of every non-blank row left in
+    `reader`, whose input starts after `lines_before` lines of the file."""
     while True:
-        line_no = reader.line_num + 1
+        line_no = lines_before + reader.line_num + 1
         try:
             row = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as exc:
-            index = len(records)
-            records.append(Record(index, line_no, index, error=f"{path}:{line_no}: malformed row ({exc})"))
+            yield line_no, exc
             continue
-        if not row:
-            continue
-        index = len(records)
-        if len(row) != len(header):
-            records.append(Record(index, line_no, index, error=(
-                f"{path}:{line_no}: expected {len(header)} fields, got {len(row)}")))
-            continue
-        rid = row[col[id_field]] if id_field and id_field in col else index
-        error = _check_text(path, line_no, text_field, row[col[text_field]])
-        label = row[col[label_field]] if label_field else None
-        if error is None and label_field and not label.strip():
-            error = f"{path}:{line_no}: field '{label_field}': missing"
-        records.append(Record(index, line_no, rid, None if error else row[col[text_field]], error, label))
-    return ReadReport(str(path), delimiter == "\t" and "tsv" or "csv", records)
+        if row:
+            yield line_no, row
+
+
+def table_records(path: Path | str, reader, header: list[str], first_index: int, lines_before: int,
+                  fields: Fields) -> list[Record]:
+    """One Record per non-blank row left in `reader`, indexed from `first_index`."""
+    col = {name: i for i, name in enumerate(header)}
+    return [_table_record(path, index, line_no, row, header, col, fields)
+            for index, (line_no, row) in enumerate(table_rows(reader, lines_before), start=first_index)]
+
+
+def _table_record(path, index: int, line_no: int, row: list[str] | csv.Error, header: list[str],
+                  col: dict[str, int], fields: Fields) -> Record:
+    if isinstance(row, csv.Error):
+        return Record(index, line_no, index, error=f"{path}:{line_no}: malformed row ({row})")
+    if len(row) != len(header):
+        return Record(index, line_no, index,
+                      error=f"{path}:{line_no}: expected {len(header)} fields, got {len(row)}")
+    rid = row[col[fields.id]] if fields.id and fields.id in col else index
+    error = _check_text(path, line_no, fields.text, row[col[fields.text]])
+    label = row[col[fields.label]] if fields.label else None
+    if error is None and fields.label and not label.strip():
+        error = f"{path}:{line_no}: field '{fields.label}': missing"
+    return Record(index, line_no, rid, None if error else row[col[fields.text]], error, label)
