@@ -34,6 +34,27 @@ def _add_precision_flag(p: argparse.ArgumentParser, what: str = "compute in") ->
                         "capability >= 8.0, CPU avx512_bf16/amx_bf16; else fp32), always (bf16) or never (fp32)")
 
 
+def _add_job_flags(p: argparse.ArgumentParser, schedule: bool = True) -> None:
+    from hvdinfer.engine import schedule as schedule_mod
+
+    g = p.add_argument_group("job engine")
+    if schedule:
+        g.add_argument("--schedule", default="dynamic", choices=schedule_mod.KINDS,
+                       help="dynamic: chunks handed out on demand (a slower rank takes fewer); "
+                            "static: chunk c on rank c %% ranks")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run of this same job")
+    _add_stall_flag(g)
+    g.add_argument("--progress-interval", type=float, default=30.0, metavar="S",
+                   help="seconds between progress lines when stderr is not a terminal")
+
+
+def _add_stall_flag(g) -> None:
+    from hvdinfer.engine import watchdog
+
+    g.add_argument("--stall-timeout", type=float, default=watchdog.DEFAULT_TIMEOUT_S, metavar="S",
+                   help="end the job when a rank makes no progress for S seconds (default %(default)g)")
+
+
 def _runtime_config(args: argparse.Namespace) -> runtime.RuntimeConfig:
     for flag in ("threads", "inter_threads"):
         if getattr(args, flag) < 0:
@@ -60,21 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank R raises right after init (proves fail-fast)")
     _add_runtime_flags(p)
 
-    p = sub.add_parser("infer", help="distributed batch inference, results in input order")
+    p = sub.add_parser("infer", help="distributed batch inference, results in input order, resumable")
     p.add_argument("--model", required=True, help="model id (minilm-l6) or a saved model directory")
-    p.add_argument("--input", required=True, type=Path, help="JSONL, CSV/TSV with a header, or text lines")
-    p.add_argument("--output", required=True, type=Path, help=".jsonl (one line per record) or .npy")
+    p.add_argument("--input", required=True, type=Path,
+                   help="JSONL, CSV/TSV with a header, or text lines; .gz/.bz2 compressed too")
+    p.add_argument("--output", required=True, type=Path,
+                   help=".jsonl (one line per record), .npy (embeddings) or .parquet; OUT.parts/ is its journal")
     p.add_argument("--task", default="embed", choices=infer_choices("TASKS"))
-    p.add_argument("--batch-size", type=int, default=64, help="records per forward pass, per rank")
+    p.add_argument("--batch-size", type=int, default=64, help="records per forward pass")
     p.add_argument("--max-length", type=int, default=0, help="tokens per text (default: the model's)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
     p.add_argument("--input-format", default=None, choices=["jsonl", "csv", "tsv", "text"])
-    p.add_argument("--on-error", default="fail", choices=infer_choices("ON_ERROR"))
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--on-error", default="fail", choices=infer_choices("ON_ERROR"),
+                   help="fail: stop before any compute at the first bad record; skip: an error row in its place")
+    p.add_argument("--quiet", action="store_true", help="no progress, no summary")
     p.add_argument("--metrics-json", type=Path, default=None, help="also write the job summary here")
-    p.add_argument("--precision", default="fp32", choices=infer_choices("PRECISIONS"),
-                   help="bf16: bfloat16 compute, float32 output (within cosine 0.999 of fp32)")
+    _add_precision_flag(p)
+    p.add_argument("--chunk-size", type=int, default=0,
+                   help="records per chunk, a multiple of 64 (default: about 1/128 of the input, >= 4 batches)")
+    p.add_argument("--no-journal", action="store_true",
+                   help="hold results in memory instead of OUT.parts/ (no resume; small jobs, benchmarks)")
+    _add_job_flags(p)
     _add_runtime_flags(p)
 
     p = sub.add_parser("finetune", help="data-parallel fine-tuning (hvd.DistributedOptimizer), exact resume")
@@ -96,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N optimizer steps, mid-epoch (default 0: at epoch ends only)")
+    _add_stall_flag(p)
     _add_precision_flag(p)
     _add_runtime_flags(p)
 
@@ -141,8 +170,10 @@ def dispatch(args: argparse.Namespace) -> int:
         cfg = infer.InferConfig(model=args.model, input=args.input, output=args.output, task=args.task,
                                 batch_size=args.batch_size, max_length=args.max_length, text_field=args.text_field,
                                 id_field=args.id_field, input_format=args.input_format, on_error=args.on_error,
-                                quiet=args.quiet, precision=args.precision,
-                                metrics_json=args.metrics_json)
+                                quiet=args.quiet, precision=args.precision, metrics_json=args.metrics_json,
+                                schedule=args.schedule, chunk_size=args.chunk_size, resume=args.resume,
+                                journal=not args.no_journal, stall_timeout=args.stall_timeout,
+                                progress_interval=args.progress_interval)
         infer.run(cfg, _runtime_config(args))
         return 0
     if args.command == "finetune":
@@ -153,7 +184,8 @@ def dispatch(args: argparse.Namespace) -> int:
             text_field=args.text_field, label_field=args.label_field, epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, no_lr_scaling=args.no_lr_scaling, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, dropout=args.dropout, max_length=args.max_length, seed=args.seed,
-            resume=args.resume, checkpoint_every=args.checkpoint_every, precision=args.precision)
+            resume=args.resume, checkpoint_every=args.checkpoint_every, precision=args.precision,
+            stall_timeout=args.stall_timeout)
         summary = finetune.run(cfg, _runtime_config(args))
         if runtime.init_runtime().is_coordinator:
             print(f"finetune: {summary['epochs']} epoch(s) on {summary['ranks']} rank(s) in {summary['seconds']:.1f} s "

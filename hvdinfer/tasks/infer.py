@@ -1,20 +1,32 @@
-"""Distributed batch inference: many texts in, one result per text out, complete and in input order.
+"""Distributed batch inference: many texts in, one result per text out, complete and in input order,
+at any input size, resumable after any crash.
 
     mpirun -np 2 --oversubscribe --bind-to none .venv/bin/hvdinfer infer \
-        --model minilm-l6 --input reviews.csv --output emb.jsonl
-    NP=4 launch/run.sh infer --model minilm-l6 --input in.jsonl --output emb.npy
+        --model minilm-l6 --input reviews.csv --output emb.parquet
+    ... after a crash, the same command with --resume computes only what is missing.
+    NP=4 launch/run.sh infer --model minilm-l6 --input in.jsonl.gz --output emb.npy --schedule static
 
-The data path, top-down: read (every rank parses the whole file, so every rank sees the same bad
-records) -> shard (good records sorted by length and dealt round-robin, so every rank gets the
-same mix of long and short texts) -> batch (tokenise this rank's shard, sort by token count, pad
-each batch to its own longest) -> model (one compiled forward per batch) -> collect (allgather in
-global order) -> write (coordinator only, atomic).
+The data path, top-down:
+  index (coordinator: one pass records where every 64th record starts; with --on-error fail a
+  second pass parses every record, so a bad one stops the job before any compute)
+  -> journal (coordinator: OUT.parts/ holds the finished chunks; --resume keeps the whole ones)
+  -> schedule (chunks of records handed out on demand, or fixed in advance; each travels with
+  its raw bytes, so only the coordinator reads the input)
+  -> prepare (any rank, on a helper thread: parse the chunk, tokenise, sort by length, cut into
+  batches padded to their own longest)
+  -> model (one compiled forward per batch)
+  -> journal (each chunk's result, atomically, with a checksum)
+  -> write (coordinator: the chunks streamed in input order into .jsonl, .npy or .parquet, then
+  the journal is removed).
+Every chunk's result depends on its records alone, so any rank may compute it and a resumed or
+re-scheduled job writes the same bytes.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,14 +34,19 @@ from typing import Any
 import numpy as np
 
 from hvdinfer import assets, collect, output, runtime
-from hvdinfer.data import batching, readers
-from hvdinfer.data.shard import ShardPlan
+from hvdinfer.data import batching, chunks, readers
+from hvdinfer.engine import job, journal as journal_mod, link as link_mod, runner, watchdog
+from hvdinfer.engine.journal import ChunkResult
+from hvdinfer.engine.progress import Progress
+from hvdinfer.engine.schedule import KINDS as SCHEDULES
 from hvdinfer.runtime import JobError
 
 LOG = runtime.LOG
 TASKS = ("embed", "classify")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = runtime.PRECISIONS
 ON_ERROR = ("fail", "skip")
+CHUNKS_PER_JOB = 128  # auto chunk size: about this many chunks, so dynamic allocation can balance
+MAX_AUTO_CHUNK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +56,13 @@ class InferConfig:
     model: str
     """A model id (see hvdinfer.assets.ASSETS) or a saved model directory."""
     input: Path
-    """JSONL, CSV/TSV with a header, or plain text (one record per line)."""
+    """JSONL, CSV/TSV with a header, or plain text (one record per line); .gz/.bz2 too."""
     output: Path
-    """.jsonl: one line per input record, in input order; .npy: the embeddings array in order."""
+    """.jsonl (one line per input record), .npy (the embeddings array) or .parquet, in input order."""
     task: str = "embed"
     """embed (sentence embeddings) or classify (needs a model directory with a classifier head)."""
     batch_size: int = 64
-    """Records per forward pass, per rank."""
+    """Records per forward pass."""
     max_length: int = 0
     """Tokens per text after truncation; 0 = the model's own (256 for minilm-l6)."""
     text_field: str = "text"
@@ -55,48 +72,68 @@ class InferConfig:
     input_format: str | None = None
     """Override the format the extension implies: jsonl, csv, tsv, text."""
     on_error: str = "fail"
-    """fail: stop at the first bad record; skip: keep it as an error line and go on."""
+    """fail: stop before any compute if any record is bad; skip: keep it as an error row and go on."""
     quiet: bool = False
-    """No progress bar and no summary."""
+    """No progress and no summary."""
     metrics_json: Path | None = None
     """Also write the job's summary (counts, records/s, seconds) to this JSON file."""
-    precision: str = "fp32"
-    """fp32, or bf16 compute (float32 weights, pooling and output): about 2x faster on CPUs with
-    AVX512-BF16 or AMX; embeddings within cosine 0.999 of fp32 (tests/integration/test_minilm.py)."""
+    precision: str = "auto"
+    """auto (bf16 only where the hardware computes it natively), fp32, or bf16 compute."""
+    schedule: str = "dynamic"
+    """dynamic: chunks on demand, a slower rank takes fewer; static: chunk c on rank c % ranks."""
+    chunk_size: int = 0
+    """Records per chunk (a multiple of 64); 0 = about 1/128 of the input, at least 4 batches."""
+    resume: bool = False
+    """Reuse the finished chunks in OUTPUT.parts/ of an interrupted run of this same job."""
+    journal: bool = True
+    """False: hold results in memory instead (no resume; for small jobs and benchmarks)."""
+    stall_timeout: float = watchdog.DEFAULT_TIMEOUT_S
+    """End the job when a rank makes no progress for this many seconds."""
+    progress_interval: float = 30.0
+    """Seconds between progress lines when stderr is not a terminal."""
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise JobError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
-        if self.precision not in PRECISIONS:
-            raise JobError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.on_error not in ON_ERROR:
-            raise JobError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {self.on_error!r}")
+        for name, allowed in (("task", TASKS), ("precision", PRECISIONS), ("on_error", ON_ERROR),
+                              ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise JobError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                               f"not {getattr(self, name)!r}")
         if self.batch_size < 1:
             raise JobError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.max_length < 0 or self.max_length == 1:
             raise JobError(f"--max-length must be 0 (the model's) or >= 2, got {self.max_length}")
-        if self.output.suffix not in (".jsonl", ".npy"):
-            raise JobError(f"--output {self.output}: use a .jsonl or .npy file")
+        if self.chunk_size < 0 or self.chunk_size % chunks.GRANULE:
+            raise JobError(f"--chunk-size must be 0 (auto) or a positive multiple of {chunks.GRANULE}, "
+                           f"got {self.chunk_size}")
+        if self.output.suffix not in output.SUFFIXES:
+            raise JobError(f"--output {self.output}: use a {', '.join(output.SUFFIXES)} file")
         if self.output.suffix == ".npy" and self.task != "embed":
-            raise JobError("--output .npy holds embeddings only; use .jsonl with --task classify")
+            raise JobError("--output .npy holds embeddings only; use .jsonl or .parquet with --task classify")
+        if self.resume and not self.journal:
+            raise JobError("--resume needs the journal; drop --no-journal")
+        if self.stall_timeout <= 0 or self.progress_interval <= 0:
+            raise JobError("--stall-timeout and --progress-interval must be > 0 seconds")
 
 
+def auto_chunk_size(records: int, batch_size: int) -> int:
+    """About CHUNKS_PER_JOB chunks, each at least 4 batches, a multiple of the index granule."""
+    granule = chunks.GRANULE
+    want = max(-(-records // CHUNKS_PER_JOB), 4 * batch_size)
+    size = -(-want // granule) * granule
+    return min(size, max(MAX_AUTO_CHUNK, -(-4 * batch_size // granule) * granule))
+
+
+# --- model ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Loaded:
     model: Any
     tokenizer: Any
     max_length: int
     labels: list[str] | None
+    model_dir: Path
 
 
-def load_model(cfg: InferConfig) -> Loaded:
-    """Resolve the model id or directory and load it, or raise a JobError that says why."""
-    import tensorflow as tf
-
-    from models import heads, loading
-
-    # Keras: the policy must be in force when the layers are built; variables stay float32.
-    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if cfg.precision == "bf16" else "float32")
+def resolve_model_dir(cfg: InferConfig) -> Path:
     try:
         model_dir = assets.resolve_model(cfg.model) if cfg.model in assets.ASSETS else Path(cfg.model)
     except assets.AssetError as exc:
@@ -104,6 +141,18 @@ def load_model(cfg: InferConfig) -> Loaded:
     if not model_dir.is_dir():
         raise JobError(f"--model {cfg.model}: not a known model id ({', '.join(assets.ASSETS)}) "
                        f"nor a model directory")
+    return model_dir
+
+
+def load_model(cfg: InferConfig, precision: str) -> Loaded:
+    """Resolve the model id or directory and load it, or raise a JobError that says why."""
+    import tensorflow as tf
+
+    from models import heads, loading
+
+    # Keras: the policy must be in force when the layers are built; variables stay float32.
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+    model_dir = resolve_model_dir(cfg)
     if cfg.task == "classify" and not heads.has_head(model_dir):
         raise JobError(f"--model {cfg.model}: has no classifier head ({heads.HEAD_CONFIG}); "
                        f"fine-tune one with `hvdinfer finetune` or use --task embed")
@@ -115,25 +164,18 @@ def load_model(cfg: InferConfig) -> Loaded:
     max_length = cfg.max_length or info.max_seq_length
     if max_length > info.config.max_position:
         raise JobError(f"--max-length {max_length} exceeds the model's {info.config.max_position} positions")
-    return Loaded(model, tokenizer, max_length, getattr(model, "labels", None))
+    return Loaded(model, tokenizer, max_length, getattr(model, "labels", None), model_dir)
 
 
-def read_input(cfg: InferConfig) -> readers.ReadReport:
-    try:
-        report = readers.read_records(cfg.input, cfg.input_format, cfg.text_field, cfg.id_field)
-    except readers.InputError as exc:
-        raise JobError(str(exc)) from None
-    if cfg.on_error == "fail" and report.errors:
-        first = report.errors[0]
-        more = len(report.errors) - 1
-        raise JobError(first.error + (f" (and {more} more bad records; --on-error skip keeps going)" if more else ""))
-    return report
-
-
-def shard_good_records(good: list[readers.Record], size: int, rank: int) -> np.ndarray:
-    """Positions (into `good`) this rank computes: longest texts first, dealt round-robin."""
-    by_length = np.argsort([-len(r.text) for r in good], kind="stable")
-    return by_length[ShardPlan(len(good), size, "strided").indices(rank)]
+def model_digest(model_dir: Path) -> str:
+    """sha256 over the files that decide the outputs (weights, head, tokenizer, pooling config)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=4)
@@ -158,101 +200,189 @@ def warm_up(loaded: Loaded) -> None:
     compiled_forward(loaded.model)(ids, np.ones_like(ids))
 
 
-def run_shard(loaded: Loaded, texts: list[str], positions: np.ndarray, batch_size: int,
-              progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(positions, outputs, truncated) of this rank's records, in the order they were computed."""
-    ids, truncated = loaded.tokenizer.encode_ids(texts, loaded.max_length)
-    batches = batching.make_batches(np.arange(len(texts)), ids, batch_size, pad_id=loaded.tokenizer.pad_id)
-    forward = compiled_forward(loaded.model)
-    width = len(loaded.labels) if loaded.labels else loaded.model.config.hidden_size
-    outputs, order = [], []
-    for batch in batches:
-        outputs.append(forward(batch.input_ids, batch.attention_mask).numpy())
-        order.append(batch.indices)
-        progress(len(batch.indices))
-    local = np.concatenate(order) if order else np.zeros(0, np.int64)
-    emb = np.concatenate(outputs) if outputs else np.zeros((0, width), np.float32)
-    return positions[local], emb.astype(np.float32), truncated[local]
+# --- input ----------------------------------------------------------------------------------------
+def index_input(cfg: InferConfig) -> chunks.InputIndex:
+    """Coordinator: the input's index; compressed input is decompressed once into the journal dir."""
+    spill = journal_mod.journal_dir(cfg.output)
+    try:
+        with watchdog.quiet(f"indexing {cfg.input}"):
+            return chunks.index_input(cfg.input, cfg.input_format, cfg.text_field, None,
+                                      spill_dir=spill if _compressed(cfg.input) else None)
+    except readers.InputError as exc:
+        raise JobError(str(exc)) from None
 
 
-class Progress:
-    """A tqdm bar on the coordinator when stderr is a TTY; records/s scaled to all ranks."""
-
-    def __init__(self, enabled: bool, total: int, size: int):
-        self.size = size
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="rec", desc=f"infer x{size} ranks", file=sys.stderr)
-
-    def __call__(self, done_here: int) -> None:
-        if self.bar is not None:
-            # Ranks hold equal shares and run in step, so this rank's progress stands for all.
-            self.bar.update(min(done_here * self.size, self.bar.total - self.bar.n))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _compressed(path: Path) -> bool:
+    return path.suffix in (".gz", ".bz2")
 
 
-def output_rows(records: list[readers.Record], outputs: np.ndarray, labels: list[str] | None) -> list[dict]:
-    """One row per input record, in input order: an embedding, a label with scores, or the error."""
-    rows, g = [], 0
-    for record in records:
-        if not record.ok:
-            rows.append({"id": record.id, "error": record.error})
-            continue
-        if labels:
-            probs = outputs[g]
-            rows.append({"id": record.id, "label": labels[int(np.argmax(probs))],
-                         "scores": {label: float(p) for label, p in zip(labels, probs)}})
-        else:
-            rows.append({"id": record.id, "embedding": outputs[g].tolist()})
-        g += 1
-    return rows
+def check_records(cfg: InferConfig, index: chunks.InputIndex, plan: list[chunks.Chunk]) -> int:
+    """With --on-error fail: every record parsed before any compute; the first bad one ends the job
+    naming file, line and field. Returns the number of bad records (0 unless skipping)."""
+    if cfg.on_error == "skip":
+        return -1  # counted as the chunks are computed
+    bad: list[str] = []
+    count = 0
+    for chunk in plan:
+        watchdog.beat(f"checking records of chunk {chunk.id}")
+        for record in chunks.parse_chunk(index, chunk, chunks.read_chunk_bytes(index, chunk), cfg.text_field,
+                                         cfg.id_field):
+            if not record.ok:
+                count += 1
+                if not bad:
+                    bad.append(record.error)
+    if count:
+        more = count - 1
+        raise JobError(bad[0] + (f" (and {more} more bad records; --on-error skip keeps going)" if more else ""))
+    return 0
 
 
-def write_output(cfg: InferConfig, records: list[readers.Record], embeddings: np.ndarray,
-                 labels: list[str] | None) -> None:
-    if cfg.output.suffix == ".npy":
-        full = np.full((len(records), embeddings.shape[1]), np.nan, np.float32)
-        full[[r.index for r in records if r.ok]] = embeddings
-        output.write_npy(cfg.output, full)
+# --- the chunk task -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TextChunks:
+    """`runner.ChunkTask` for text input: bytes -> records -> token batches -> model outputs."""
+
+    cfg: InferConfig
+    index: chunks.InputIndex
+    plan: list[chunks.Chunk]
+    loaded: Loaded | None = None
+
+    def payload(self, chunk_id: int) -> tuple[chunks.Chunk, bytes]:
+        chunk = self.plan[chunk_id]
+        return chunk, chunks.read_chunk_bytes(self.index, chunk)
+
+    def prepare(self, chunk_id: int, payload: tuple[chunks.Chunk, bytes]):
+        chunk, data = payload
+        records = chunks.parse_chunk(self.index, chunk, data, self.cfg.text_field, self.cfg.id_field)
+        good = [i for i, r in enumerate(records) if r.ok]
+        ids, truncated = self.loaded.tokenizer.encode_ids([records[i].text for i in good], self.loaded.max_length)
+        batches = batching.make_batches(np.asarray(good, np.int64), ids, self.cfg.batch_size,
+                                        pad_id=self.loaded.tokenizer.pad_id)
+        return chunk, records, batches, np.asarray(truncated, bool)
+
+    def compute(self, prepared) -> ChunkResult:
+        chunk, records, batches, truncated_good = prepared
+        forward = compiled_forward(self.loaded.model)
+        width = len(self.loaded.labels) if self.loaded.labels else self.loaded.model.config.hidden_size
+        values = np.full((len(records), width), np.nan, np.float32)
+        for number, batch in enumerate(batches):
+            watchdog.beat(f"computing chunk {chunk.id}, batch {number + 1} of {len(batches)}")
+            values[batch.indices] = forward(batch.input_ids, batch.attention_mask).numpy()
+        truncated = np.zeros(len(records), bool)
+        truncated[[i for i, r in enumerate(records) if r.ok]] = truncated_good
+        return ChunkResult(len(records), {"values": values, "truncated": truncated},
+                           {"ids": [r.id for r in records], "errors": [r.error for r in records]})
+
+
+# --- output ---------------------------------------------------------------------------------------
+def output_schema(width: int, labels: list[str] | None):
+    return output.classification_schema(labels) if labels else output.embedding_schema(width)
+
+
+def output_block(first: int, result: ChunkResult, labels: list[str] | None, suffix: str) -> dict:
+    """One chunk as an output block: record columns plus an embedding, or a label with scores
+    (in .jsonl a {label: probability} object, in .parquet a vector in the schema's label order)."""
+    values, errors = result.arrays["values"], result.meta["errors"]
+    block = {"index": np.arange(first, first + result.records), "id": result.meta["ids"], "error": errors}
+    if labels:
+        best = np.argmax(np.nan_to_num(values, nan=-1.0), axis=1)
+        block["label"] = [None if e else labels[b] for b, e in zip(best, errors)]
+        block["scores"] = ([None if e else dict(zip(labels, row.tolist())) for row, e in zip(values, errors)]
+                           if suffix == ".jsonl" else values)
     else:
-        output.write_jsonl(cfg.output, output_rows(records, embeddings, labels))
+        block["embedding"] = values
+    return block
+
+
+def write_output(cfg: InferConfig, journal, plan: list[chunks.Chunk], records: int, width: int,
+                 labels: list[str] | None) -> dict:
+    """Stream the journal's chunks into the output in input order; the counts it saw on the way."""
+    counts = {"skipped": 0, "truncated": 0}
+    with output.open_output(cfg.output, output_schema(width, labels), rows=records) as out:
+        for chunk in plan:
+            watchdog.beat(f"writing chunk {chunk.id} of {len(plan)} to {cfg.output}")
+            result = journal.read(chunk.id)
+            counts["skipped"] += sum(e is not None for e in result.meta["errors"])
+            counts["truncated"] += int(result.arrays["truncated"].sum())
+            out.write_block(output_block(chunk.first_record, result, labels, cfg.output.suffix))
+    return counts
+
+
+# --- the job --------------------------------------------------------------------------------------
+def job_identity(cfg: InferConfig, index: chunks.InputIndex, chunk_size: int, precision: str,
+                 loaded: Loaded) -> dict:
+    """Everything that changes a chunk's result: a resume must match it exactly."""
+    return {"task": cfg.task, "model": cfg.model, "model_sha256": model_digest(loaded.model_dir),
+            "input": index.identity(), "chunk_size": chunk_size, "batch_size": cfg.batch_size,
+            "max_length": loaded.max_length, "precision": precision, "text_field": cfg.text_field,
+            "id_field": cfg.id_field}
+
+
+def open_journal(cfg: InferConfig, identity: dict):
+    if not cfg.journal:
+        return journal_mod.MemoryJournal()
+    return journal_mod.DiskJournal(journal_mod.journal_dir(cfg.output), identity, cfg.resume)
+
+
+def plan_job(cfg: InferConfig, rt: runtime.Runtime, link) -> dict:
+    """Coordinator: index (and check) the input and tell every worker the plan; workers receive it."""
+    if rt.is_coordinator:
+        index = index_input(cfg)
+        chunk_size = cfg.chunk_size or auto_chunk_size(index.records, cfg.batch_size)
+        plan = index.chunks(chunk_size)
+        check_records(cfg, index, plan)
+        setup = {"index": dataclasses.replace(index, offsets=index.offsets[:0], lines=index.lines[:0]),
+                 "plan": plan, "chunk_size": chunk_size, "full_index": index}
+        for worker in range(1, rt.size):
+            link.send({k: v for k, v in setup.items() if k != "full_index"}, worker, link_mod.BROADCAST)
+        return setup
+    return link.wait(link_mod.BROADCAST, 0, lambda: watchdog.beat("waiting for rank 0 to index the input"))[1]
 
 
 def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
-    rt = runtime.init_runtime(runtime_config)
+    engine = job.start(runtime_config, cfg.stall_timeout)
+    rt = engine.rt
     start = time.perf_counter()
-    report = read_input(cfg)
-    loaded = load_model(cfg)
-    good = [r for r in report.records if r.ok]
-    positions = shard_good_records(good, rt.size, rt.rank)
-    LOG.info("%d records (%d bad), %d ranks, ~%d records per rank", len(report.records),
-             len(report.errors), rt.size, len(positions))
+    precision, precision_reason = runtime.resolve_precision(cfg.precision, collect.allgather_json)
+    with watchdog.quiet("loading the model"):
+        loaded = load_model(cfg, precision)
+        warm_up(loaded)
+    setup = plan_job(cfg, rt, engine.link)
+    index, plan = setup.get("full_index", setup["index"]), setup["plan"]
+    task = TextChunks(cfg, index, plan, loaded)
 
-    progress = Progress(rt.is_coordinator and not cfg.quiet, len(good), rt.size)
-    warm_up(loaded)
-    collect.allgather_json(0)  # Horovod: start the clock together
-    compute_start = time.perf_counter()
-    done, outputs, truncated = run_shard(loaded, [good[p].text for p in positions], positions, cfg.batch_size,
-                                       progress)
-    progress.close()
-    result = collect.collect_ordered(done, {"output": outputs, "truncated": truncated}, expected_total=len(good))
-    seconds = time.perf_counter() - compute_start
-
-    summary = {"records": len(report.records), "ok": len(good), "skipped": len(report.errors),
-               "truncated": int(result["truncated"].sum()), "ranks": rt.size,
-               "compute_seconds": seconds, "records_per_s": len(good) / seconds if seconds else 0.0,
-               "total_seconds": time.perf_counter() - start, "output": str(cfg.output)}
+    journal = progress = None
+    todo: list[int] = []
     if rt.is_coordinator:
-        write_output(cfg, report.records, result["output"], loaded.labels)
+        journal = open_journal(cfg, job_identity(cfg, index, setup["chunk_size"], precision, loaded))
+        todo = [c.id for c in plan if c.id not in journal.done]
+        done_records = sum(plan[c].count for c in journal.done)
+        LOG.info("%d records in %d chunks of %d (%d to compute), %d rank(s), %s schedule, precision %s",
+                 index.records, len(plan), setup["chunk_size"], len(todo), rt.size, cfg.schedule, precision)
+        progress = Progress(index.records, done_records, not cfg.quiet, cfg.progress_interval, "infer")
+    compute_start = time.perf_counter()
+    runner.run_chunks(task, engine.link, rt.rank, rt.size, cfg.schedule, todo, journal, progress)
+    compute_seconds = time.perf_counter() - compute_start
+
+    summary = None
+    if rt.is_coordinator:
+        progress.close()
+        width = len(loaded.labels) if loaded.labels else loaded.model.config.hidden_size
+        counts = write_output(cfg, journal, plan, index.records, width, loaded.labels)
+        journal.close(finished=True)
+        computed = sum(plan[c].count for c in todo)
+        summary = {"records": index.records, "ok": index.records - counts["skipped"], **counts,
+                   "ranks": rt.size, "schedule": cfg.schedule, "chunks": len(plan), "chunks_computed": len(todo),
+                   "chunk_size": setup["chunk_size"], "precision": precision, "precision_reason": precision_reason,
+                   "compute_seconds": compute_seconds,
+                   "records_per_s": computed / compute_seconds if compute_seconds else 0.0,
+                   "total_seconds": time.perf_counter() - start, "output": str(cfg.output)}
         if cfg.metrics_json:
             output.write_json(cfg.metrics_json, summary)
         if not cfg.quiet:
             print(f"infer: {summary['records']} records -> {cfg.output}: ok {summary['ok']}, "
                   f"skipped {summary['skipped']}, truncated {summary['truncated']}; "
-                  f"{summary['records_per_s']:.1f} records/s on {rt.size} rank(s)", flush=True)
-    return summary
+                  f"{summary['records_per_s']:.1f} records/s on {rt.size} rank(s)"
+                  + (f" ({len(plan) - len(todo)} of {len(plan)} chunks reused from the journal)"
+                     if len(todo) < len(plan) else ""), flush=True)
+    return runner.finish(engine.link, rt.rank, rt.size, summary)

@@ -1,0 +1,193 @@
+"""`hvdinfer infer` on the job engine, under mpirun, on a generated debug-size model: the same bytes
+for any schedule and number of ranks, resume after kill -9 and after a stuck rank, a corrupt chunk
+recomputed, a different job refused, compressed input, Parquet, progress lines."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests import tiny
+from tests.integration.test_infer import ENV, HVDINFER, WORDS
+
+RECORDS = 700  # 11 chunks of 64: the last one short
+CHUNK = 64
+
+
+def mpirun(np_, *args, env=None):
+    return ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", HVDINFER, "infer", *map(str, args)]
+
+
+def infer(np_, *args, env=None, timeout=180):
+    proc = subprocess.run(mpirun(np_, *args), env=dict(ENV, **(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+    proc.all = proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny.write_model_dir(tmp_path_factory.mktemp("model") / "m", tiny.random_model(3), max_seq_length=16)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("in") / "in.jsonl"
+    lines = [json.dumps({"id": i if i % 3 else f"s{i}", "text": " ".join(rng.choice(WORDS, rng.integers(1, 30)))})
+             for i in range(RECORDS)]
+    lines[5] = '{"id": 5, "text": ""}'  # a bad record: with --on-error skip it keeps its place
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def common(model_dir, source, out):
+    return ["--model", model_dir, "--input", source, "--output", out, "--chunk-size", CHUNK, "--batch-size", 16,
+            "--on-error", "skip"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_dir, source):
+    """One rank, static: every other run must produce these exact bytes."""
+    out = tmp_path_factory.mktemp("ref") / "ref.jsonl"
+    proc = infer(1, *common(model_dir, source, out), "--schedule", "static")
+    assert proc.returncode == 0, proc.all
+    assert not Path(str(out) + ".parts").exists()  # the journal goes once the output is whole
+    return out.read_bytes()
+
+
+def test_any_schedule_and_any_number_of_ranks_writes_the_same_bytes(tmp_path, model_dir, source, reference):
+    rows = [json.loads(line) for line in reference.decode().splitlines()]
+    assert len(rows) == RECORDS and rows[5]["error"].endswith("field 'text': empty text")
+    assert [r["id"] for r in rows[:4]] == ["s0", 1, 2, "s3"]
+    for np_, schedule in ((2, "dynamic"), (2, "static"), (3, "dynamic")):
+        out = tmp_path / f"{np_}-{schedule}.jsonl"
+        proc = infer(np_, *common(model_dir, source, out), "--schedule", schedule)
+        assert proc.returncode == 0, proc.all
+        assert out.read_bytes() == reference, f"np {np_} {schedule} differs from 1 rank"
+
+
+def test_npy_and_parquet_hold_the_same_embeddings(tmp_path, model_dir, source, reference):
+    rows = [json.loads(line) for line in reference.decode().splitlines()]
+    want = np.array([r.get("embedding", [np.nan] * 32) for r in rows], np.float32)
+    npy, parquet = tmp_path / "e.npy", tmp_path / "e.parquet"
+    for out in (npy, parquet):
+        proc = infer(2, *common(model_dir, source, out))
+        assert proc.returncode == 0, proc.all
+    np.testing.assert_array_equal(np.load(npy), want)
+    table = pq.read_table(parquet)
+    assert table.column("index").to_pylist() == list(range(RECORDS))
+    assert table.column("id").to_pylist()[:3] == ["s0", "1", "2"]
+    np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), want)
+    assert table.column("error").to_pylist()[5].endswith("empty text")
+
+
+def test_gzip_input_gives_the_same_output(tmp_path, model_dir, source, reference):
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(source.read_bytes()))
+    out = tmp_path / "gz.jsonl"
+    proc = infer(2, *common(model_dir, packed, out))
+    assert proc.returncode == 0, proc.all
+    # Error rows name the input as given.
+    assert out.read_bytes() == reference.replace(str(source).encode(), str(packed).encode())
+
+
+def _wait_for_chunks(parts: Path, count: int, proc, deadline_s: float = 90) -> None:
+    deadline = time.monotonic() + deadline_s
+    while len(list(parts.glob("chunk-*.npz"))) < count:
+        assert proc.poll() is None, "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.1)
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int:
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        if child.environ().get("OMPI_COMM_WORLD_RANK") == str(rank):
+            return child.pid
+    raise AssertionError(f"no rank {rank} under pid {launcher_pid}")
+
+
+def test_kill_9_of_a_rank_then_resume_gives_the_same_bytes(tmp_path, model_dir, source, reference):
+    out = tmp_path / "k.jsonl"
+    parts = Path(str(out) + ".parts")
+    slow = dict(ENV, HVDINFER_TEST_CHUNK_SECONDS="0.7")
+    proc = subprocess.Popen(mpirun(2, *common(model_dir, source, out)), env=slow, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_chunks(parts, 3, proc)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    assert proc.wait(timeout=30) != 0
+    assert not out.exists()
+    finished = len(list(parts.glob("chunk-*.npz")))
+    assert 3 <= finished < RECORDS // CHUNK + 1
+
+    refused = infer(2, *common(model_dir, source, out))
+    assert refused.returncode != 0 and "--resume" in refused.all and f"{finished} finished chunk" in refused.all
+
+    resumed = infer(2, *common(model_dir, source, out), "--resume", "--metrics-json", tmp_path / "m.json")
+    assert resumed.returncode == 0, resumed.all
+    assert out.read_bytes() == reference
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["chunks_computed"] == metrics["chunks"] - finished
+
+
+def test_a_corrupt_chunk_is_recomputed_and_a_different_job_refused(tmp_path, model_dir, source, reference):
+    out = tmp_path / "c.jsonl"
+    parts = Path(str(out) + ".parts")
+    proc = subprocess.Popen(mpirun(2, *common(model_dir, source, out)), env=dict(ENV, HVDINFER_TEST_CHUNK_SECONDS="0.7"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_chunks(parts, 4, proc)
+    proc.kill()  # kill -9 of mpirun itself
+    proc.wait(timeout=30)
+    time.sleep(2)  # orphaned ranks (if any) notice their launcher is gone
+    chunk_files = sorted(parts.glob("chunk-*.npz"))
+    chunk_files[0].write_bytes(chunk_files[0].read_bytes()[:-10])  # truncated
+    data = bytearray(chunk_files[1].read_bytes())
+    data[100] ^= 0x55
+    chunk_files[1].write_bytes(bytes(data))  # corrupted
+
+    other = infer(2, *common(model_dir, source, out), "--batch-size", 8, "--resume")
+    assert other.returncode != 0
+    assert "belongs to a different job" in other.all and "batch_size: journal has 16, this run has 8" in other.all
+
+    resumed = infer(2, *common(model_dir, source, out), "--resume")
+    assert resumed.returncode == 0, resumed.all
+    assert "2 corrupt or duplicate chunk file(s) deleted" in resumed.all
+    assert out.read_bytes() == reference
+
+
+def test_a_stopped_rank_ends_the_job_in_time_naming_it_and_resume_finishes(tmp_path, model_dir, source, reference):
+    out = tmp_path / "s.jsonl"
+    parts = Path(str(out) + ".parts")
+    timeout = 6
+    proc = subprocess.Popen(mpirun(2, *common(model_dir, source, out), "--stall-timeout", timeout,
+                                   "--progress-interval", 1),
+                            env=dict(ENV, HVDINFER_TEST_CHUNK_SECONDS="0.7"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_chunks(parts, 3, proc)
+    stopped = _rank_pid(proc.pid, 1)
+    os.kill(stopped, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        text, _ = proc.communicate(timeout=timeout + 15 + 30)
+    finally:
+        try:
+            os.kill(stopped, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert time.monotonic() - start <= timeout + 15, text
+    assert proc.returncode != 0
+    stall_lines = [line for line in text.splitlines() if "is stuck" in line]
+    assert len(stall_lines) == 1 and "rank 1 of 2" in stall_lines[0] and f"pid {stopped}" in stall_lines[0], text
+    assert "progress: " in text and "records/s" in text  # one line a second without a terminal
+
+    resumed = infer(2, *common(model_dir, source, out), "--resume")
+    assert resumed.returncode == 0, resumed.all
+    assert out.read_bytes() == reference
