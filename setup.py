@@ -19,6 +19,7 @@ setup(
         "tokenizers",
         "tqdm",
         "pyarrow>=17,<26",  # 26 needs NumPy 2
+        "orjson>=3.9",
     ],
     entry_points={"console_scripts": ["hvdinfer=hvdinfer.cli:main"]},
 )
