@@ -58,15 +58,21 @@ class PeerView:
     pid: int = 0
 
 
-def stall_line(rank: int, size: int, view: PeerView, now: float, timeout: float) -> str | None:
-    """The one-line report if `view` shows a stuck rank, else None (pure: unit-tested)."""
+def stall_line(rank: int, size: int, view: PeerView, now: float, timeout: float, silent_only: bool = False,
+               progress_grace: float = 0.0) -> str | None:
+    """The one-line report if `view` shows a stuck rank, else None (pure: unit-tested).
+
+    A silent rank (no heartbeat) is judged at `timeout`; a live rank without progress only after
+    `progress_grace` more, because a rank waiting in a collective on a frozen peer makes no progress
+    either, and the report must name the frozen one (whose silence shows up to one heartbeat late).
+    """
     silent = now - view.heard_at
     where = f"rank {rank} of {size} (host {view.host}, pid {view.pid})"
     if silent > timeout:
         return (f"hvdinfer: {where} is stuck: no heartbeat for {silent:.0f} s (--stall-timeout {timeout:g}); "
                 f"it last reported '{view.activity}' {silent + view.idle_s:.0f} s ago")
     idle = view.idle_s + silent
-    if view.armed and idle > timeout:
+    if not silent_only and view.armed and idle > timeout + progress_grace:
         return (f"hvdinfer: {where} is stuck: alive but no progress for {idle:.0f} s (--stall-timeout {timeout:g}); "
                 f"it last reported '{view.activity}'")
     return None
@@ -95,9 +101,10 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="hvdinfer-watchdog", daemon=True)
 
     # --- main thread --------------------------------------------------------------------------
-    def beat(self, activity: str) -> None:
-        """The main thread made progress; `activity` is what it is about to do."""
-        self.pulse = Pulse(activity, time.monotonic(), self.pulse.armed)
+    def beat(self, activity: str, armed: bool | None = None) -> None:
+        """The main thread made progress; `activity` is what it is about to do. `armed=False` starts
+        a quiet phase (see `quiet`), `armed=True` ends one; None keeps the current state."""
+        self.pulse = Pulse(activity, time.monotonic(), self.pulse.armed if armed is None else armed)
 
     @contextlib.contextmanager
     def quiet(self, activity: str) -> Iterator[None]:
@@ -147,20 +154,22 @@ class Watchdog:
         self._pending = [self.link.comm.isend(self._heartbeat(), dest=t, tag=link_mod.HEARTBEAT) for t in targets]
 
     def _judge(self, now: float) -> None:
-        # The coordinator judges every rank, itself included; a worker judges only the coordinator
-        # (its own silence reaches the coordinator in its heartbeats), so one rank reports a stall.
+        # The coordinator judges every rank, itself included; a worker judges only the coordinator's
+        # silence (its own, and the coordinator's lack of progress, are the coordinator's to report),
+        # so one rank reports a stall. Silence is judged first: it names the root cause.
         if self.rank == 0 or not self.peers:
             mine = PeerView(now, self.pulse.activity, now - self.pulse.beat_at, self.pulse.armed, **self.me)
             views = [(self.rank, mine, now)] + [(r, view, now) for r, view in sorted(self.peers.items())]
         else:
-            # The coordinator reports its own lack of progress; a worker only reports its silence.
-            coordinator = dataclasses.replace(self.peers[0], armed=False)
-            views = [(0, coordinator, now - REPORT_GRACE_S * (self.rank - 1))]
-        for r, view, at in views:
-            line = stall_line(r, self.size, view, at, self.timeout)
-            if line:
-                self._end_job(line)
-                return
+            views = [(0, self.peers[0], now - REPORT_GRACE_S * (self.rank - 1))]
+        grace = 2 * self.interval
+        for silent_only in (True, False):
+            for r, view, at in views:
+                only = silent_only or r != self.rank and self.rank != 0
+                line = stall_line(r, self.size, view, at, self.timeout, only, grace)
+                if line:
+                    self._end_job(line)
+                    return
 
     def _end_job(self, line: str) -> None:
         print(line + "; ending the job", file=sys.stderr, flush=True)
@@ -188,10 +197,10 @@ def current() -> Watchdog | None:
     return _WATCHDOG
 
 
-def beat(activity: str) -> None:
+def beat(activity: str, armed: bool | None = None) -> None:
     """Report progress to the running watchdog, if any (a no-op outside a job)."""
     if _WATCHDOG is not None:
-        _WATCHDOG.beat(activity)
+        _WATCHDOG.beat(activity, armed)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,9 @@ import tensorflow as tf
 
 from hvdinfer import collect, output, runtime
 from hvdinfer.data import batching, readers
+from hvdinfer.engine import job as engine_job
+from hvdinfer.engine import watchdog
+from hvdinfer.engine.keras_beat import WatchdogBeat
 from hvdinfer.runtime import JobError
 
 LOG = runtime.LOG
@@ -92,6 +95,8 @@ class FinetuneConfig:
     """Continue from the last checkpoint in output_dir."""
     checkpoint_every: int = 0
     """Also checkpoint every this many optimizer steps, mid-epoch (0: only at epoch ends)."""
+    stall_timeout: float = 60.0
+    """End the job when a rank makes no progress (a training step) for this many seconds."""
     precision: str = "auto"
     """auto (bf16 where the hardware computes it natively, else fp32), fp32, or bf16 compute with
     float32 weights, optimizer state and loss."""
@@ -212,7 +217,8 @@ def confusion(model, tokenizer, data: LabeledSet, num_labels: int, rt: runtime.R
     mine = ShardPlan(len(data.texts), rt.size, "strided").indices(rt.rank)
     counts = np.zeros((num_labels, num_labels), np.int64)
     ids, _ = tokenizer.encode_ids([data.texts[i] for i in mine], max_length)
-    for batch in batching.make_batches(mine, ids, batch_size * 4, tokenizer.pad_id):
+    for number, batch in enumerate(batching.make_batches(mine, ids, batch_size * 4, tokenizer.pad_id)):
+        watchdog.beat(f"evaluating batch {number + 1}")
         predicted = np.argmax(model(batch.inputs(), training=False).numpy(), axis=1)
         np.add.at(counts, (data.labels[batch.indices], predicted), 1)
     return collect.allreduce_sum(counts)
@@ -443,12 +449,13 @@ class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
 def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     from hvdinfer.parallel import data_parallel
 
-    rt = runtime.init_runtime(runtime_config)
+    rt = engine_job.start(runtime_config, cfg.stall_timeout).rt
     train, evaluation, labels = load_data(cfg)
     precision, precision_reason = runtime.resolve_precision(cfg.precision, collect.allgather_json)
     resume_from = check_resume(cfg, labels, rt.size, train, precision)
     start = resume_from.position if resume_from else Position(0)
-    model, tokenizer, base_dir = build_model(cfg, labels, precision)
+    with watchdog.quiet("loading the model"):
+        model, tokenizer, base_dir = build_model(cfg, labels, precision)
     if cfg.max_length > model.config.max_position:
         raise JobError(f"--max-length {cfg.max_length} exceeds the model's {model.config.max_position} positions")
     token_ids, _ = tokenizer.encode_ids(train.texts, cfg.max_length)
@@ -470,7 +477,7 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     steps = steps_per_epoch(len(train.texts), rt.size, cfg.batch_size)
     identity = training_identity(cfg, labels, rt.size, train, precision)
     job = Training(cfg, rt, tokenizer, evaluation, labels, ckpt, identity, precision_reason, steps)
-    callbacks = callbacks + [EvaluateAndCheckpoint(job, start, history)]
+    callbacks = callbacks + [WatchdogBeat(), EvaluateAndCheckpoint(job, start, history)]
     verbose = 2 if rt.is_coordinator else 0
     began = time.perf_counter()
     epoch = start.epoch

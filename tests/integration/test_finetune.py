@@ -301,3 +301,33 @@ def test_auto_precision_is_resolved_on_this_host_and_recorded(straight):
     assert (metrics["precision"], metrics["precision_reason"]) == want
     state = json.loads((straight / "checkpoints" / "epoch-0002" / "state.json").read_text())
     assert state["precision"] == want[0]  # resolved, never "auto": a resume on this host matches
+
+
+def test_a_stopped_rank_ends_training_in_time_naming_it_and_resume_finishes(tmp_path, base, data):
+    import psutil
+
+    out, timeout = tmp_path / "out", 6
+    args = ("--epochs", 30, "--stall-timeout", timeout)
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", HVDINFER, "finetune", "--model", base,
+           "--train", data["train"], "--eval", data["eval"], "--output-dir", out, *TRAINING, *args]
+    proc = subprocess.Popen(list(map(str, cmd)), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 90
+    while not (out / "checkpoints" / "epoch-0002").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended or never started"
+        time.sleep(0.05)
+    rank1 = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if p.environ().get("OMPI_COMM_WORLD_RANK") == "1")
+    rank1.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        text, _ = proc.communicate(timeout=timeout + 45)
+    finally:
+        if rank1.is_running():
+            rank1.kill()
+    assert time.monotonic() - stopped_at <= timeout + 15, text
+    stuck = [line for line in text.splitlines() if "is stuck" in line]
+    assert proc.returncode != 0 and len(stuck) == 1 and f"rank 1 of 2 (host" in stuck[0], text
+    assert f"pid {rank1.pid}" in stuck[0]
+    resumed = finetune(2, base, data["train"], data["eval"], out, *args, "--resume")
+    assert resumed.returncode == 0, resumed.all
+    assert [e["epoch"] for e in read_metrics(out)["epochs"]] == list(range(1, 31))

@@ -139,6 +139,9 @@ def test_stall_judgement():
     assert "computing chunk 3" in silent
     busy = watchdog.PeerView(heard_at=100.0, activity="reading", idle_s=12.0)
     assert "alive but no progress for 12 s" in watchdog.stall_line(0, 2, busy, now=100.0, timeout=10)
+    # A live rank waiting on a frozen peer gets a grace, so the frozen one is named first.
+    assert watchdog.stall_line(0, 2, busy, now=100.0, timeout=10, progress_grace=2.5) is None
+    assert watchdog.stall_line(0, 2, busy, now=100.0, timeout=10, silent_only=True) is None
     quiet = watchdog.PeerView(heard_at=100.0, activity="loading model", idle_s=500.0, armed=False)
     assert watchdog.stall_line(0, 2, quiet, now=100.0, timeout=10) is None
 
