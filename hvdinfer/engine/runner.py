@@ -117,6 +117,15 @@ class _Coordinator:
         if self.failure is not None:
             raise self.failure
 
+    def _put(self, item) -> None:
+        """Hand a result to the writer; if the writer died, raise its error instead of waiting forever."""
+        while True:
+            try:
+                self.writes.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self._check()
+
     def all_written(self) -> bool:
         with self.lock:
             return self.finished >= self.todo
@@ -138,7 +147,7 @@ class _Coordinator:
             source, (chunk_id, result) = got
             with self.lock:
                 self.in_hand[source] -= 1
-            self.writes.put((chunk_id, result))
+            self._put((chunk_id, result))
             got_any = True
         return got_any
 
@@ -198,7 +207,7 @@ class _Coordinator:
                 if not held:
                     break
                 chunk_id, future = computer.pending.get()
-                self.writes.put((chunk_id, computer.compute(chunk_id, future)))
+                self._put((chunk_id, computer.compute(chunk_id, future)))
                 held -= 1
             while not self.all_written() or not all(self.told_done[1:]):
                 self._check()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -370,6 +370,8 @@ def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
         width = len(loaded.labels) if loaded.labels else loaded.model.config.hidden_size
         counts = write_output(cfg, journal, plan, index.records, width, loaded.labels)
         journal.close(finished=True)
+        if not cfg.journal:  # a compressed input's spill is the only thing in OUT.parts/
+            shutil.rmtree(journal_mod.journal_dir(cfg.output), ignore_errors=True)
         computed = sum(plan[c].count for c in todo)
         summary = {"records": index.records, "ok": index.records - counts["skipped"], **counts,
                    "ranks": rt.size, "schedule": cfg.schedule, "chunks": len(plan), "chunks_computed": len(todo),
