@@ -8,8 +8,11 @@ duplicate, so nothing here can match a message of Horovod's or of a user's own M
 
 Every wait is a poll (`improbe` + sleep) rather than a blocking receive: Open MPI waits in a
 blocking call by spinning on a core, which on a host with as many ranks as cores steals the CPU
-the other ranks compute with. Messages are pickled with protocol 5 and NumPy buffers travel out of
-band (`mpi4py.util.pkl5`), so a chunk's arrays are not copied into a pickle.
+the other ranks compute with. Every message is ONE pickled MPI message (mpi4py's lowercase API).
+`mpi4py.util.pkl5` was tried and dropped: it sends a large object as several MPI messages and its
+receiver, holding a lock, blocks in MPI_Mprobe for the later parts while the sender blocks in
+MPI_Send of an earlier rendezvous-size part that is only read after all parts are probed; a job
+with 0.5 MB chunk results hung that way, with the watchdog blocked on the same lock.
 """
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ class Link:
 
     def __init__(self, expected_size: int):
         from mpi4py import MPI
-        from mpi4py.util import pkl5
 
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             raise LinkError("MPI is initialised without MPI_THREAD_MULTIPLE; the engine's threads need it")
@@ -39,7 +41,7 @@ class Link:
             raise LinkError(f"MPI sees {world.Get_size()} process(es) but Horovod sees {expected_size}: the job engine "
                             "needs the MPI controller; launch with mpirun, or horovodrun without --gloo")
         self._any = MPI.ANY_SOURCE
-        self.comm = pkl5.Intracomm(world.Dup())
+        self.comm = world.Dup()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
 

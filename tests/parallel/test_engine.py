@@ -13,8 +13,8 @@ CHUNK = 10
 class Squares:
     """Chunk c holds the integers c*CHUNK .. c*CHUNK+CHUNK-1 (the last one shorter)."""
 
-    def __init__(self, n: int, rank: int):
-        self.n, self.rank = n, rank
+    def __init__(self, n: int, rank: int, width: int = 0):
+        self.n, self.rank, self.width = n, rank, width
         self.payloads = 0
 
     def chunks(self) -> int:
@@ -22,19 +22,26 @@ class Squares:
 
     def payload(self, chunk_id):
         self.payloads += 1
-        return list(range(chunk_id * CHUNK, min(self.n, (chunk_id + 1) * CHUNK)))
+        rows = list(range(chunk_id * CHUNK, min(self.n, (chunk_id + 1) * CHUNK)))
+        return (rows, b"p" * self.width * 8) if self.width else rows
 
     def prepare(self, chunk_id, payload):
+        if self.width:
+            payload, padding = payload
+            assert len(padding) == self.width * 8
         return chunk_id, np.asarray(payload, np.int64)
 
     def compute(self, prepared):
         chunk_id, x = prepared
-        return ChunkResult(len(x), {"square": x * x, "rank": np.full(len(x), self.rank)}, {"chunk": chunk_id})
+        arrays = {"square": x * x, "rank": np.full(len(x), self.rank)}
+        if self.width:  # large results: several arrays, each far beyond MPI's eager limit
+            arrays.update(wide=np.outer(x, np.ones(self.width, np.float32)), wide2=np.ones((len(x), self.width)))
+        return ChunkResult(len(x), arrays, {"chunk": chunk_id})
 
 
-def _run(rt, n, schedule, journal_factory, todo=None):
+def _run(rt, n, schedule, journal_factory, todo=None, width=0):
     engine = job.start()
-    task = Squares(n, rt.rank)
+    task = Squares(n, rt.rank, width)
     journal = journal_factory() if rt.is_coordinator else None
     todo = list(range(task.chunks())) if todo is None else todo
     runner.run_chunks(task, engine.link, rt.rank, rt.size, schedule, todo if rt.is_coordinator else None, journal)
@@ -69,3 +76,17 @@ def test_only_the_chunks_still_to_do_are_computed(rt, tmp_path_factory):
         np.testing.assert_array_equal(journal.read(4).arrays["square"], np.arange(40, 50) ** 2)
         journal.close(finished=True)
         assert not directory.exists()
+
+
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+def test_large_payloads_and_results_travel_whole(rt, schedule):
+    # 10 rows x 30,000 float32 + float64: 1.2 and 2.4 MB a chunk, payloads of 240 KB: rendezvous
+    # messages both ways, while heartbeats flow on other threads.
+    task, journal = _run(rt, 120, schedule, MemoryJournal, width=30_000)
+    if rt.is_coordinator:
+        assert journal.done == set(range(12))
+        for c in journal.done:
+            result = journal.read(c)
+            rows = np.arange(c * CHUNK, (c + 1) * CHUNK)
+            np.testing.assert_array_equal(result.arrays["wide"][:, -1], rows.astype(np.float32))
+            assert result.arrays["wide2"].shape == (CHUNK, 30_000)
