@@ -98,7 +98,11 @@ class Watchdog:
         # Without a link (one rank, or no MPI) a rank can only judge itself.
         self.peers = {r: PeerView(now) for r in others if r != rank} if link is not None else {}
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
-        self._thread = threading.Thread(target=self._run, name="hvdinfer-watchdog", daemon=True)
+        self._exchanged_at = now
+        # Two threads: heartbeats go through MPI, which could itself block; the judge does no MPI,
+        # so a blocked exchange is still seen (and reported) instead of silencing the watchdog.
+        self._threads = [threading.Thread(target=self._run_exchange, name="hvdinfer-heartbeat", daemon=True),
+                         threading.Thread(target=self._run_judge, name="hvdinfer-watchdog", daemon=True)]
 
     # --- main thread --------------------------------------------------------------------------
     def beat(self, activity: str, armed: bool | None = None) -> None:
@@ -121,21 +125,44 @@ class Watchdog:
         self._last_words.append(hook)
 
     def start(self) -> "Watchdog":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout=5)
 
-    # --- watchdog thread ----------------------------------------------------------------------
-    def _run(self) -> None:
+    # --- watchdog threads ---------------------------------------------------------------------
+    def _run_exchange(self) -> None:
+        while self.peers and not self._stop.wait(self.interval):
+            self._exchange(time.monotonic())
+            self._exchanged_at = time.monotonic()
+
+    def _run_judge(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.interval):
             now = time.monotonic()
-            if self.peers:
-                self._exchange(now)
-            self._judge(now)
+            if now - last > 3 * self.interval:
+                self._thaw(now - last)
+            last = now
+            blocked = now - self._exchanged_at
+            if self.peers and blocked > self.timeout:
+                self._end_job(f"hvdinfer: rank {self.rank} of {self.size} (host {self.me['host']}, pid "
+                              f"{self.me['pid']}): its heartbeat exchange has been blocked in MPI for {blocked:.0f} s "
+                              f"(--stall-timeout {self.timeout:g}); its main thread last reported '{self.pulse.activity}'")
+            else:
+                self._judge(now)
+
+    def _thaw(self, gap: float) -> None:
+        """This whole process was frozen for `gap` seconds (SIGSTOP, a suspended VM): nothing could
+        be heard or done meanwhile, so the clocks of this rank's judgement restart from now."""
+        self._exchanged_at += gap
+        self.pulse = dataclasses.replace(self.pulse, beat_at=self.pulse.beat_at + gap)
+        for view in self.peers.values():
+            view.heard_at += gap
 
     def _heartbeat(self) -> dict:
         pulse = self.pulse

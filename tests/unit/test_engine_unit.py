@@ -178,3 +178,25 @@ def test_progress_line():
         "progress: 500/1,000 records (50.0%), 100.0 records/s, ETA 0m05s"
     assert progress.eta_text(3725) == "1h02m05s"
     assert "ETA --" in progress.progress_line(0, 10, 0, 0.0)
+
+
+def test_a_heartbeat_exchange_blocked_in_mpi_is_reported_not_silent():
+    import threading
+    import time
+
+    class BlockedLink:
+        release = threading.Event()
+
+        def poll(self, tag, source=-1):
+            self.release.wait()  # an MPI call that never returns
+
+    exits, lines = [], []
+    dog = watchdog.Watchdog(BlockedLink(), 1, 2, timeout=0.3, interval=0.05, exit_fn=exits.append)
+    dog._end_job = lambda line: (lines.append(line), exits.append(watchdog.EXIT_STALLED))
+    dog.start()
+    deadline = time.monotonic() + 5
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.05)
+    BlockedLink.release.set()
+    dog.stop()
+    assert exits and "heartbeat exchange has been blocked in MPI" in lines[0]
