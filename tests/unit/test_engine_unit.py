@@ -184,11 +184,16 @@ def test_a_heartbeat_exchange_blocked_in_mpi_is_reported_not_silent():
     import threading
     import time
 
+    class Done:
+        def test(self):
+            return True, None
+
     class BlockedLink:
         release = threading.Event()
+        comm = type("Comm", (), {"isend": lambda self, *a, **k: Done()})()
 
         def poll(self, tag, source=-1):
-            self.release.wait()  # an MPI call that never returns
+            self.release.wait()  # an MPI call that never returns (until the test ends)
 
     exits, lines = [], []
     dog = watchdog.Watchdog(BlockedLink(), 1, 2, timeout=0.3, interval=0.05, exit_fn=exits.append)
