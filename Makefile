@@ -1,7 +1,7 @@
 # hvdinfer: build, test, demo, bench. Every target sets up what it needs from nothing.
 #   make demo    the main job, from scratch
 #   make test    install, unit tests, then the parallel tests under mpirun (one mpirun per file)
-#   make bench   side-by-side ratios (JSON + PNG under bench-out/)
+#   make bench   side-by-side ratios (JSON + PNG under bench-out/), the peer in .venv-peer (make peer-env)
 #   make install idempotent: apt MPI, .venv, pinned stack, Horovod 0.28.1 from source, hvdinfer
 
 SHELL := /bin/bash
@@ -10,6 +10,8 @@ SHELL := /bin/bash
 
 PYTHON ?= python3.11
 VENV := .venv
+# The peer that bench peer measures against (torch, transformers, sentence-transformers): its own venv.
+PEER_VENV := .venv-peer
 PY := $(VENV)/bin/python
 HVD := $(VENV)/bin/hvdinfer
 NP ?= 2
@@ -29,7 +31,7 @@ PIP_FILTER := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory
 HOROVOD_BUILD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
 	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2
 
-.PHONY: install mpi test unit parallel integration demo bench clean doctor
+.PHONY: install mpi test unit parallel integration demo bench peer-env clean doctor
 
 install: mpi $(VENV)/.stamp-hvdinfer
 
@@ -86,9 +88,21 @@ test: install
 demo: install
 	$(HVD) demo --np $(NP)
 
+# The peer env is best effort: where it cannot be built, bench peer says why in one line and skips.
 bench: install
+	$(MAKE) --no-print-directory peer-env || echo "make peer-env failed: bench peer will be skipped"
 	$(HVD) bench --np $(NP) --out bench-out
 
+# torch first and alone, so pip takes the CPU wheel on this machine's disk, then the rest at their pins.
+peer-env: $(PEER_VENV)/.stamp
+
+$(PEER_VENV)/.stamp: requirements-peer.txt
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q "$$(grep '^torch==' requirements-peer.txt)" $(PIP_FILTER)
+	$(PEER_VENV)/bin/python -m pip install -q -r requirements-peer.txt $(PIP_FILTER)
+	$(PEER_VENV)/bin/python -c "import torch, sentence_transformers"
+	touch $@
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info bench-out demo-out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(PEER_VENV) build dist *.egg-info bench-out demo-out .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

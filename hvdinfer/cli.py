@@ -65,6 +65,17 @@ def _runtime_config(args: argparse.Namespace) -> runtime.RuntimeConfig:
                                  cycle_time_ms=args.cycle_time_ms, seed=args.seed)
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    """"10000,100000" -> (10000, 100000)."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated record counts, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected record counts >= 1, got {text!r}")
+    return counts
+
+
 def infer_choices(name: str) -> tuple[str, ...]:
     from hvdinfer.tasks import infer
 
@@ -129,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(p)
 
     p = sub.add_parser("bench", help="side-by-side throughput ratios (JSON + PNG)")
-    p.add_argument("which", nargs="?", default="all", choices=["all", "runtime", "infer", "finetune"])
+    p.add_argument("which", nargs="?", default="all", choices=["all", "runtime", "infer", "finetune", "engine", "peer"])
     p.add_argument("--np", type=int, default=2, help="ranks for the Horovod variants")
     p.add_argument("--records", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -138,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="keras,naive,naive+threads,naive+cycle20,naive+yield,hvdinfer")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     _add_precision_flag(p, "infer: run the bf16 variant")
+    g = p.add_argument_group("engine and peer benches")
+    g.add_argument("--engine-records", type=int, default=4096, help="engine: short texts for the minilm-l6 jobs")
+    g.add_argument("--rss-records", type=_counts, default=(10_000, 100_000, 1_000_000),
+                   help="engine: input sizes for peak RSS, .npy output (default 10000,100000,1000000)")
+    g.add_argument("--jsonl-records", type=_counts, default=(10_000, 100_000),
+                   help="engine: input sizes for peak RSS, .jsonl output (default 10000,100000)")
+    g.add_argument("--repeats", type=int, default=2, help="engine, peer: runs of each timed pair (fastest kept)")
+    g.add_argument("--peer-long-records", type=int, default=1024, help="peer: 128-token texts")
+    g.add_argument("--peer-short-records", type=int, default=10_000, help="peer: short texts (5-25 words)")
 
     p = sub.add_parser("demo", help="the main job end to end on --np ranks")
     p.add_argument("--np", type=int, default=2)
@@ -194,8 +214,8 @@ def dispatch(args: argparse.Namespace) -> int:
                   flush=True)
         return 0
     if args.command == "bench":
-        if args.np < 1:
-            raise runtime.JobError("--np must be >= 1")
+        if args.np < 1 or args.repeats < 1:
+            raise runtime.JobError("--np and --repeats must be >= 1")
         if args.which in ("all", "runtime"):
             from hvdinfer.bench import runtime as bench_runtime
 
@@ -209,6 +229,16 @@ def dispatch(args: argparse.Namespace) -> int:
             from hvdinfer.bench import finetune as bench_finetune
 
             bench_finetune.bench_finetune(steps=20, batch=16, seq=64, out=args.out)
+        if args.which in ("all", "engine"):
+            from hvdinfer.bench import engine as bench_engine
+
+            bench_engine.bench_engine(args.np, args.out, args.engine_records, args.rss_records, args.jsonl_records,
+                                      args.repeats)
+        if args.which in ("all", "peer"):
+            from hvdinfer.bench import peer as bench_peer
+
+            bench_peer.bench_peer(args.np, args.out, args.peer_long_records, args.peer_short_records, args.repeats,
+                                  args.precision)
         return 0
     if args.command == "demo":
         from hvdinfer import demo

@@ -1,9 +1,13 @@
-"""`python -m hvdinfer.bench worker --mode M ...`: one bench variant in its own process tree (run
-by the benches, alone or under mpirun; it prints its result as one JSON line)."""
+"""What the benches launch, alone or under mpirun, each in its own process tree:
+
+    python -m hvdinfer.bench worker --mode M ...      one variant; prints its result as one JSON line
+    python -m hvdinfer.bench probe --out DIR -- ARGS  `hvdinfer ARGS` with phase timers (bench/probe.py)
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--batch", type=int, default=32)
     w.add_argument("--seq", type=int, default=128)
     w.add_argument("--model-size", default="minilm-l6")
+    p = sub.add_parser("probe")
+    p.add_argument("--out", type=Path, required=True, help="each rank writes OUT/rank-R.json")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the hvdinfer command line")
     args = parser.parse_args(argv)
+    if args.command == "probe":
+        from hvdinfer.bench import probe
+
+        return probe.run(args.out, args.args[1:] if args.args[:1] == ["--"] else args.args)
     if args.mode in ("train", "keras-fit"):
         from hvdinfer.bench import finetune
 

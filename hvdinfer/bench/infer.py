@@ -1,5 +1,6 @@
 """`hvdinfer bench infer`: the real `hvdinfer infer` job on real minilm-l6 weights vs one Keras
 `predict` process and the naive Horovod loop, on fixed 128-token texts, plus the fp32 GEMM peak.
+Also the generated inputs the engine and peer benches share (fixed-length and short texts).
 
     .venv/bin/hvdinfer bench infer --np 2 --out bench-out     # (part of make bench)
 """
@@ -10,6 +11,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from hvdinfer.bench import report as report_mod
 from hvdinfer.bench import runtime as runtime_bench
@@ -101,3 +104,20 @@ def bench_infer(np_: int, records: int, batch: int, seq: int, out: Path, precisi
               "results": results, "ratios": ratios}
     report_mod.write_report(report, out, "infer")
     return report
+
+
+SHORT_WORDS = ("the a cat dog sat ran on mat rug house garden river city quick slow small large red blue green "
+               "happy sad old new bright dark cold warm morning night music film story book review movie plot "
+               "actor scene great terrible boring funny").split()
+
+
+def short_text_input(path: Path, records: int, seed: int = 0) -> None:
+    """JSONL of `records` short texts, 5 to 25 words each from a small vocabulary (seeded)."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(5, 26, size=records)
+    words = rng.integers(0, len(SHORT_WORDS), size=int(counts.sum()))
+    with open(path, "w", encoding="utf-8") as fh:
+        at = 0
+        for r, n in enumerate(counts):
+            fh.write(json.dumps({"id": r, "text": " ".join(SHORT_WORDS[w] for w in words[at:at + n])}) + "\n")
+            at += n

@@ -39,9 +39,26 @@ def worker_command(flags: list[str]) -> list[str]:
     return [sys.executable, "-m", "hvdinfer.bench", "worker", *flags]
 
 
+def run_to_end(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run with output captured; past `timeout` seconds stop it with SIGTERM (mpirun passes it on to
+    every rank, where a SIGKILL of mpirun would leave them running), then SIGKILL, and raise."""
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            raise RuntimeError(f"{' '.join(cmd[:8])} ... ran past {timeout:g} s and was stopped:\n{err[-2000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_json(name: str, cmd: list[str], env: dict, timeout: float) -> dict:
     """Run one variant; its result is the last JSON line it printed."""
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_to_end(cmd, env, timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"bench variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
