@@ -99,6 +99,7 @@ class Watchdog:
         self.peers = {r: PeerView(now) for r in others if r != rank} if link is not None else {}
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
         self._exchanged_at = now
+        self.departed: set[int] = set()  # peers that said goodbye: their silence is no stall
         # Two threads: heartbeats go through MPI, which could itself block; the judge does no MPI,
         # so a blocked exchange is still seen (and reported) instead of silencing the watchdog.
         self._threads = [threading.Thread(target=self._run_exchange, name="hvdinfer-heartbeat", daemon=True),
@@ -130,10 +131,24 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
+        """Stop watching and tell the peers this rank is leaving, so its silence is not a stall
+        (ranks do not always end together: a worker may exit while the coordinator still writes)."""
         self._stop.set()
         for thread in self._threads:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(timeout=5)
+        if self.peers and not self._departed_all():
+            goodbyes = [self.link.comm.isend({**self._heartbeat(), "leaving": True}, dest=t, tag=link_mod.HEARTBEAT)
+                        for t in self._targets()]
+            deadline = time.monotonic() + 1.0
+            while not all(req.test()[0] for req in goodbyes) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    def _targets(self) -> list[int]:
+        return sorted(self.peers) if self.rank == 0 else [0]
+
+    def _departed_all(self) -> bool:
+        return set(self.peers) <= self.departed
 
     # --- watchdog threads ---------------------------------------------------------------------
     def _run_exchange(self) -> None:
@@ -171,10 +186,12 @@ class Watchdog:
     def _exchange(self, now: float) -> None:
         while (got := self.link.poll(link_mod.HEARTBEAT)) is not None:
             source, news = got
-            if source in self.peers:
+            if news.get("leaving"):
+                self.departed.add(source)
+            elif source in self.peers:
                 self.peers[source] = PeerView(now, news["activity"], news["idle_s"], news["armed"], news["host"],
                                               news["pid"])
-        targets = sorted(self.peers) if self.rank == 0 else [0]
+        targets = [t for t in self._targets() if t not in self.departed]
         # One heartbeat in flight per peer at most: a frozen peer must not make this thread block.
         if self._pending is not None and not all(req.test()[0] for req in self._pending):
             return
@@ -186,7 +203,10 @@ class Watchdog:
         # so one rank reports a stall. Silence is judged first: it names the root cause.
         if self.rank == 0 or not self.peers:
             mine = PeerView(now, self.pulse.activity, now - self.pulse.beat_at, self.pulse.armed, **self.me)
-            views = [(self.rank, mine, now)] + [(r, view, now) for r, view in sorted(self.peers.items())]
+            views = [(self.rank, mine, now)] + [(r, view, now) for r, view in sorted(self.peers.items())
+                                                if r not in self.departed]
+        elif 0 in self.departed:
+            return
         else:
             views = [(0, self.peers[0], now - REPORT_GRACE_S * (self.rank - 1))]
         grace = 2 * self.interval

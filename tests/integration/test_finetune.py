@@ -306,7 +306,7 @@ def test_auto_precision_is_resolved_on_this_host_and_recorded(straight):
 def test_a_stopped_rank_ends_training_in_time_naming_it_and_resume_finishes(tmp_path, base, data):
     import psutil
 
-    out, timeout = tmp_path / "out", 6
+    out, timeout = tmp_path / "out", 10
     args = ("--epochs", 30, "--stall-timeout", timeout)
     cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", HVDINFER, "finetune", "--model", base,
            "--train", data["train"], "--eval", data["eval"], "--output-dir", out, *TRAINING, *args]
