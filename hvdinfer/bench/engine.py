@@ -13,17 +13,22 @@ around its phases, each rank's peak RSS, nothing changed in the task):
             dynamic >= 0.97x static. Ratios of the jobs' compute seconds (their own summary).
   journal   the balanced dynamic job with its journal (the default) and with --no-journal (results
             held in memory); goal: the journal and the assembly from it cost <= 3% of wall time.
+            Judged on the journal's own time in the journaled job (opening it, every chunk write on
+            the writer thread, every read while assembling the output, removing it: an upper bound,
+            as if none of it overlapped compute), since on a shared machine identical runs differ
+            by more than 3%; the side-by-side wall difference and that spread are reported with it.
   resume    the same job killed with kill -9 of rank 1 once about half its chunks are journaled,
-            then run again with --resume; goal: the compute of both runs <= 1.1x that of one
-            uninterrupted run, and its output byte-identical to the uninterrupted one's.
+            then run again with --resume (--repeats times, the least total compute kept); goal:
+            the compute of both runs <= 1.1x that of one uninterrupted run, and every resumed
+            output byte-identical to the uninterrupted one's.
   memory    a debug-size model (random weights, minilm-l6's tokenizer) on --rss-records short
             texts (10k, 100k, 1M) in chunks of 1024, output .npy, and .jsonl for --jsonl-records:
             each rank's peak RSS; goal: the coordinator's at the largest size within 1.2x of the
             smallest.
 
 The schedule and journal jobs run --repeats times, interleaved, and each keeps its fastest run
-(compute for the schedule ratios, wall for the journal): on a shared machine others' load only
-ever adds time.
+(compute for the schedule and resume ratios, wall otherwise): on a shared machine others' load
+only ever adds time.
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ GOALS = {
     # name: (what, comparison, bound)
     "dynamic/static, rank 1 2x slower": ("speed-up of compute", ">=", 1.4),
     "dynamic/static, balanced": ("speed ratio of compute", ">=", 0.97),
-    "journal overhead": ("extra wall time with the journal", "<=", 0.03),
+    "journal overhead": ("journal time / wall of the journaled job (upper bound)", "<=", 0.03),
     "killed at 50% + resume / uninterrupted": ("compute of both runs", "<=", 1.1),
     "coordinator peak RSS, largest/smallest": ("peak RSS ratio", "<=", 1.2),
 }
@@ -133,13 +138,15 @@ def bench_schedule_and_journal(np_: int, source: Path, work: Path, repeats: int)
     for round_ in range(repeats):
         for name, (output, env, *flags) in variants.items():
             print(f"running {name} ({round_ + 1} of {repeats}) ...", flush=True)
-            run = probe.launch(np_, minilm_job(source, work / output, *flags), work / "probe", **env)
+            run = probe.launch(np_, minilm_job(source, report_mod.fresh_output(work / output), *flags), work / "probe",
+                               **env)
             runs[name].append(run)
             print(f"  {run['wall_seconds']:.1f} s wall, {run['metrics']['compute_seconds']:.1f} s compute", flush=True)
     figures = {name: best_of(r) for name, r in runs.items()}
     journaled = min(runs["balanced dynamic"], key=lambda r: r["wall_seconds"])["ranks"][0]["calls"]
     figures["balanced dynamic"]["journal_busy_seconds"] = sum(
-        journaled.get(f"DiskJournal.{op}", {}).get("seconds", 0.0) for op in ("put", "read", "close"))
+        journaled.get(name, {}).get("seconds", 0.0)
+        for name in ("open_journal", "DiskJournal.put", "DiskJournal.read", "DiskJournal.close"))
     return figures
 
 
@@ -154,11 +161,18 @@ def rank_pid(launcher: psutil.Process, rank: int) -> int | None:
     return None
 
 
-def bench_resume(np_: int, source: Path, work: Path, chunks: int) -> dict:
+def bench_resume(np_: int, source: Path, work: Path, chunks: int, repeats: int) -> dict:
+    """`repeats` times: kill at 50%, then --resume. The attempt with the least compute in all, every
+    attempt's figures, and whether every resumed output was byte-identical."""
+    attempts = [kill_and_resume(np_, source, work, chunks) for _ in range(repeats)]
+    best = min(attempts, key=lambda a: a["killed_compute_seconds"] + a["resumed"]["compute_seconds"])
+    return {**best, "byte_identical": all(a["byte_identical"] for a in attempts), "attempts": attempts}
+
+
+def kill_and_resume(np_: int, source: Path, work: Path, chunks: int) -> dict:
     """Kill -9 rank 1 of the balanced dynamic job once half its chunks are journaled, then --resume."""
-    output = work / "resumed.npy"
+    output = report_mod.fresh_output(work / "resumed.npy")
     parts = output.with_name(output.name + ".parts")
-    shutil.rmtree(parts, ignore_errors=True)
     argv = minilm_job(source, output, "--quiet")
     print("running the job to kill at 50% ...", flush=True)
     launched = time.time()
@@ -198,7 +212,7 @@ def bench_memory(np_: int, work: Path, sizes: list[int], jsonl_sizes: list[int])
         for records in counts:
             name = f"{records} records {suffix}"
             print(f"running debug model, {name} ...", flush=True)
-            output = work / f"memory{suffix}"
+            output = report_mod.fresh_output(work / f"memory{suffix}")
             run = probe.launch(np_, ["infer", "--model", str(model), "--input", str(short_input(work, records)),
                                      "--output", str(output), "--chunk-size", str(MEMORY_CHUNK)], work / "probe")
             output.unlink()
@@ -212,7 +226,6 @@ def goal_table(schedule: dict, resume: dict, memory: dict, sizes: list[int]) -> 
     """Each goal's measured value, bound and verdict."""
     slow_s, slow_d = schedule["rank 1 2x slower, static"], schedule["rank 1 2x slower, dynamic"]
     bal_s, bal_d = schedule["balanced static"], schedule["balanced dynamic"]
-    no_journal = schedule["balanced dynamic --no-journal"]
 
     def coordinator_rss(records: int) -> float:
         return memory[f"{records} records .npy"]["peak_rss_mb"][0]
@@ -220,7 +233,7 @@ def goal_table(schedule: dict, resume: dict, memory: dict, sizes: list[int]) -> 
     values = {
         "dynamic/static, rank 1 2x slower": slow_s["compute_seconds"] / slow_d["compute_seconds"],
         "dynamic/static, balanced": bal_s["compute_seconds"] / bal_d["compute_seconds"],
-        "journal overhead": bal_d["wall_seconds"] / no_journal["wall_seconds"] - 1,
+        "journal overhead": bal_d["journal_busy_seconds"] / bal_d["wall_seconds"],
         "killed at 50% + resume / uninterrupted":
             (resume["killed_compute_seconds"] + resume["resumed"]["compute_seconds"]) / bal_d["compute_seconds"],
         "coordinator peak RSS, largest/smallest": coordinator_rss(max(sizes)) / coordinator_rss(min(sizes)),
@@ -256,7 +269,7 @@ def bench_engine(np_: int, out: Path, records: int = 4096, rss_records: tuple[in
     work.mkdir(parents=True, exist_ok=True)
     source = short_input(work, records)
     schedule = bench_schedule_and_journal(np_, source, work, repeats)
-    resume = bench_resume(np_, source, work, -(-records // CHUNK))
+    resume = bench_resume(np_, source, work, -(-records // CHUNK), repeats)
     memory = bench_memory(np_, work, sorted(rss_records), sorted(jsonl_records))
     goals = goal_table(schedule, resume, memory, list(rss_records))
     bal_d = schedule["balanced dynamic"]
@@ -264,8 +277,12 @@ def bench_engine(np_: int, out: Path, records: int = 4096, rss_records: tuple[in
         "dynamic/static wall, rank 1 2x slower": schedule["rank 1 2x slower, static"]["wall_seconds"]
         / schedule["rank 1 2x slower, dynamic"]["wall_seconds"],
         "dynamic/static wall, balanced": schedule["balanced static"]["wall_seconds"] / bal_d["wall_seconds"],
-        "journal busy time / wall (probed, writer thread included)": bal_d["journal_busy_seconds"]
-        / bal_d["wall_seconds"],
+        "journal overhead, side by side (fastest wall each)": bal_d["wall_seconds"]
+        / schedule["balanced dynamic --no-journal"]["wall_seconds"] - 1,
+        "wall spread of identical runs (largest, balanced jobs)": max(
+            max(w) / min(w) - 1 for w in ([f["wall_seconds"] for f in schedule[name]["runs"]]
+                                          for name in ("balanced static", "balanced dynamic",
+                                                       "balanced dynamic --no-journal"))),
         "killed + resumed / uninterrupted, wall": (resume["killed_wall_seconds"] + resume["resumed"]["wall_seconds"])
         / bal_d["wall_seconds"],
     }
@@ -307,7 +324,9 @@ def plot_engine(report: dict, path: Path) -> None:
                   color=["#dd8452", "#4c72b0"])
     ax.bar_label(bars, fmt="%.1f s")
     ax.set_ylabel("wall seconds")
-    ax.set_title(f"journal overhead {report['goals']['journal overhead']['value'] * 100:+.1f}% of wall")
+    ax.set_title(f"journal: {report['goals']['journal overhead']['value'] * 100:.1f}% of wall (its own time); "
+                 f"side by side {report['ratios']['journal overhead, side by side (fastest wall each)'] * 100:+.1f}%",
+                 fontsize=10)
 
     ax = axes[1][0]
     resume = report["resume"]

@@ -20,7 +20,6 @@ Without .venv-peer (or when torch does not import there) the bench says so in on
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -130,7 +129,8 @@ def bench_peer(np_: int, out: Path, long_records: int, short_records: int, repea
         for round_ in range(repeats):
             print(f"running {name}, {records} records ({round_ + 1} of {repeats}): hvdinfer on {np_} ranks ...",
                   flush=True)
-            runs["hvdinfer"].append(run_hvdinfer(np_, source, work / "hvdinfer.npy", max_length, precision, work))
+            output = report_mod.fresh_output(work / "hvdinfer.npy")
+            runs["hvdinfer"].append(run_hvdinfer(np_, source, output, max_length, precision, work))
             print(f"  {runs['hvdinfer'][-1]['wall_seconds']:.1f} s end to end; peer ...", flush=True)
             runs["peer"].append(run_peer(python, model_dir, source, work / "peer.npy", max_length))
             print(f"  {runs['peer'][-1]['wall_seconds']:.1f} s end to end", flush=True)

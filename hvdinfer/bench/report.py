@@ -65,6 +65,13 @@ def run_json(name: str, cmd: list[str], env: dict, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+def fresh_output(path: Path) -> Path:
+    """`path` with no earlier output or journal (OUT.parts/) left by an interrupted bench."""
+    shutil.rmtree(path.with_name(path.name + ".parts"), ignore_errors=True)
+    path.unlink(missing_ok=True)
+    return path
+
+
 def machine(precision: str = "auto") -> dict:
     """The host's CPU model and what `--precision` resolves to on it (bench JSON fields)."""
     cpuinfo = runtime.read_cpuinfo()
