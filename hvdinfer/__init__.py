@@ -96,7 +96,8 @@ def shard(n: int, seed: int | None = None):
     of the rank with one step more waits forever."""
     import numpy as np
 
+    from hvdinfer.data.shard import deal_wrapped
+
     rt = _rt()
     order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
-    mine = order[rt.rank::rt.size]
-    return np.resize(mine if len(mine) else order, -(-n // rt.size))
+    return deal_wrapped(order, rt.size, rt.rank, -(-n // rt.size))

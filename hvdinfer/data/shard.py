@@ -52,3 +52,11 @@ class ShardPlan:
     def max_count(self) -> int:
         """The largest shard: the number of steps every rank must take in lock-step."""
         return -(-self.n // self.size)
+
+
+def deal_wrapped(order: np.ndarray, size: int, rank: int, count: int) -> np.ndarray:
+    """`rank`'s share of `order` dealt round-robin, repeated or cut to exactly `count` items, so
+    every rank takes the same number of data-parallel steps (a rank that ran out first would leave
+    the others waiting in the gradient allreduce forever). A rank dealt nothing wraps `order`."""
+    mine = order[rank::size]
+    return np.resize(mine if len(mine) else order, count)

@@ -272,7 +272,8 @@ def _run_worker(task: ChunkTask, link: link_mod.Link, rank: int) -> None:
 
 
 def finish(link: link_mod.Link | None, rank: int, size: int, summary: dict | None) -> dict:
-    """The coordinator's summary on every rank, once its output is written; ranks end together."""
+    """The coordinator's `summary` (or any result) on every rank, once its output is written; ranks
+    end together."""
     if size == 1 or link is None:
         return summary or {}
     if rank == 0:

@@ -50,6 +50,3 @@ class Schedule:
     def exhausted_for(self, rank: int) -> bool:
         """True when no chunk will ever be handed to `rank` again."""
         return not self._queue(rank)
-
-    def remaining(self) -> int:
-        return sum(len(q) for q in self._queues)

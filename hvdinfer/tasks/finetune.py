@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from hvdinfer import collect, output, runtime
 from hvdinfer.data import batching, readers
+from hvdinfer.data.shard import deal_wrapped
 from hvdinfer.engine import job as engine_job
 from hvdinfer.engine import watchdog
 from hvdinfer.engine.keras_beat import WatchdogBeat
@@ -157,11 +158,7 @@ def epoch_shard(n: int, epoch: int, seed: int, size: int, rank: int, batch_size:
     """This rank's record order for `epoch`: a seeded permutation dealt round-robin, wrapped so every
     rank holds exactly steps x batch_size records (no rank runs out first and hangs the allreduce)."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    steps = steps_per_epoch(n, size, batch_size)
-    mine = order[rank::size]
-    if len(mine) == 0:
-        mine = order
-    return np.resize(mine, steps * batch_size)
+    return deal_wrapped(order, size, rank, steps_per_epoch(n, size, batch_size) * batch_size)
 
 
 def steps_per_epoch(n: int, size: int, batch_size: int) -> int:

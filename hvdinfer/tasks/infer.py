@@ -216,25 +216,21 @@ def _compressed(path: Path) -> bool:
     return path.suffix in (".gz", ".bz2")
 
 
-def check_records(cfg: InferConfig, index: chunks.InputIndex, plan: list[chunks.Chunk]) -> int:
+def check_records(cfg: InferConfig, index: chunks.InputIndex, plan: list[chunks.Chunk]) -> None:
     """With --on-error fail: every record parsed before any compute; the first bad one ends the job
-    naming file, line and field. Returns the number of bad records (0 unless skipping)."""
+    naming file, line and field (with --on-error skip bad records are counted as chunks compute)."""
     if cfg.on_error == "skip":
-        return -1  # counted as the chunks are computed
-    bad: list[str] = []
-    count = 0
+        return
+    first, count = None, 0
     for chunk in plan:
         watchdog.beat(f"checking records of chunk {chunk.id}")
         for record in chunks.parse_chunk(index, chunk, chunks.read_chunk_bytes(index, chunk), cfg.text_field,
                                          cfg.id_field):
             if not record.ok:
-                count += 1
-                if not bad:
-                    bad.append(record.error)
+                first, count = first or record.error, count + 1
     if count:
         more = count - 1
-        raise JobError(bad[0] + (f" (and {more} more bad records; --on-error skip keeps going)" if more else ""))
-    return 0
+        raise JobError(first + (f" (and {more} more bad records; --on-error skip keeps going)" if more else ""))
 
 
 # --- the chunk task -------------------------------------------------------------------------------
@@ -258,10 +254,10 @@ class TextChunks:
         ids, truncated = self.loaded.tokenizer.encode_ids([records[i].text for i in good], self.loaded.max_length)
         batches = batching.make_batches(np.asarray(good, np.int64), ids, self.cfg.batch_size,
                                         pad_id=self.loaded.tokenizer.pad_id)
-        return chunk, records, batches, np.asarray(truncated, bool)
+        return chunk, records, batches, good, np.asarray(truncated, bool)
 
     def compute(self, prepared) -> ChunkResult:
-        chunk, records, batches, truncated_good = prepared
+        chunk, records, batches, good, truncated_good = prepared
         forward = compiled_forward(self.loaded.model)
         width = len(self.loaded.labels) if self.loaded.labels else self.loaded.model.config.hidden_size
         values = np.full((len(records), width), np.nan, np.float32)
@@ -269,7 +265,7 @@ class TextChunks:
             watchdog.beat(f"computing chunk {chunk.id}, batch {number + 1} of {len(batches)}")
             values[batch.indices] = forward(batch.input_ids, batch.attention_mask).numpy()
         truncated = np.zeros(len(records), bool)
-        truncated[[i for i, r in enumerate(records) if r.ok]] = truncated_good
+        truncated[good] = truncated_good
         return ChunkResult(len(records), {"values": values, "truncated": truncated},
                            {"ids": [r.id for r in records], "errors": [r.error for r in records]})
 
@@ -324,19 +320,19 @@ def open_journal(cfg: InferConfig, identity: dict):
     return journal_mod.DiskJournal(journal_mod.journal_dir(cfg.output), identity, cfg.resume)
 
 
-def plan_job(cfg: InferConfig, rt: runtime.Runtime, link) -> dict:
-    """Coordinator: index (and check) the input and tell every worker the plan; workers receive it."""
-    if rt.is_coordinator:
-        index = index_input(cfg)
-        chunk_size = cfg.chunk_size or auto_chunk_size(index.records, cfg.batch_size)
-        plan = index.chunks(chunk_size)
-        check_records(cfg, index, plan)
-        setup = {"index": dataclasses.replace(index, offsets=index.offsets[:0], lines=index.lines[:0]),
-                 "plan": plan, "chunk_size": chunk_size, "full_index": index}
-        for worker in range(1, rt.size):
-            link.send({k: v for k, v in setup.items() if k != "full_index"}, worker, link_mod.BROADCAST)
-        return setup
-    return link.wait(link_mod.BROADCAST, 0, lambda: watchdog.beat("waiting for rank 0 to index the input"))[1]
+def plan_job(cfg: InferConfig, rt: runtime.Runtime, link) -> tuple[chunks.InputIndex, list[chunks.Chunk], int]:
+    """(index, chunks, chunk size): the coordinator indexes (and checks) the input and tells every
+    worker the plan; workers receive the index without its offsets, which only the coordinator reads."""
+    if not rt.is_coordinator:
+        return link.wait(link_mod.BROADCAST, 0, lambda: watchdog.beat("waiting for rank 0 to index the input"))[1]
+    index = index_input(cfg)
+    chunk_size = cfg.chunk_size or auto_chunk_size(index.records, cfg.batch_size)
+    plan = index.chunks(chunk_size)
+    check_records(cfg, index, plan)
+    light = dataclasses.replace(index, offsets=index.offsets[:0], lines=index.lines[:0])
+    for worker in range(1, rt.size):
+        link.send((light, plan, chunk_size), worker, link_mod.BROADCAST)
+    return index, plan, chunk_size
 
 
 def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
@@ -347,18 +343,17 @@ def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     with watchdog.quiet("loading the model"):
         loaded = load_model(cfg, precision)
         warm_up(loaded)
-    setup = plan_job(cfg, rt, engine.link)
-    index, plan = setup.get("full_index", setup["index"]), setup["plan"]
+    index, plan, chunk_size = plan_job(cfg, rt, engine.link)
     task = TextChunks(cfg, index, plan, loaded)
 
     journal = progress = None
     todo: list[int] = []
     if rt.is_coordinator:
-        journal = open_journal(cfg, job_identity(cfg, index, setup["chunk_size"], precision, loaded))
+        journal = open_journal(cfg, job_identity(cfg, index, chunk_size, precision, loaded))
         todo = [c.id for c in plan if c.id not in journal.done]
         done_records = sum(plan[c].count for c in journal.done)
         LOG.info("%d records in %d chunks of %d (%d to compute), %d rank(s), %s schedule, precision %s",
-                 index.records, len(plan), setup["chunk_size"], len(todo), rt.size, cfg.schedule, precision)
+                 index.records, len(plan), chunk_size, len(todo), rt.size, cfg.schedule, precision)
         progress = Progress(index.records, done_records, not cfg.quiet, cfg.progress_interval, "infer")
     compute_start = time.perf_counter()
     runner.run_chunks(task, engine.link, rt.rank, rt.size, cfg.schedule, todo, journal, progress)
@@ -375,7 +370,7 @@ def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
         computed = sum(plan[c].count for c in todo)
         summary = {"records": index.records, "ok": index.records - counts["skipped"], **counts,
                    "ranks": rt.size, "schedule": cfg.schedule, "chunks": len(plan), "chunks_computed": len(todo),
-                   "chunk_size": setup["chunk_size"], "precision": precision, "precision_reason": precision_reason,
+                   "chunk_size": chunk_size, "precision": precision, "precision_reason": precision_reason,
                    "compute_seconds": compute_seconds,
                    "records_per_s": computed / compute_seconds if compute_seconds else 0.0,
                    "total_seconds": time.perf_counter() - start, "output": str(cfg.output)}

@@ -22,8 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from hvdinfer import output as output_mod
-from hvdinfer import runtime
-from hvdinfer.engine import job, journal as journal_mod, link as link_mod, runner, watchdog
+from hvdinfer.engine import job, journal as journal_mod, runner, watchdog
 from hvdinfer.engine.journal import ChunkResult
 from hvdinfer.engine.progress import Progress
 from hvdinfer.runtime import JobError
@@ -165,7 +164,7 @@ def predict(model, x, batch_size: int = 256, output: str | Path | None = None, r
         bar.close()
         result = assemble(journal, chunk_count)
         journal.close(finished=True)
-    return _single(share(engine.link, rt, result))
+    return _single(runner.finish(engine.link, rt.rank, rt.size, result))
 
 
 def assemble(journal, chunk_count: int) -> dict[str, np.ndarray]:
@@ -185,17 +184,6 @@ def write_npy(path: Path, journal, chunk_count: int, rows: int) -> None:
         for c in range(chunk_count):
             watchdog.beat(f"writing chunk {c} of {chunk_count} to {path}")
             out.write_block(journal.read(c).arrays[name])
-
-
-def share(link, rt: runtime.Runtime, result: dict | None) -> dict:
-    """The coordinator's assembled result on every rank."""
-    if rt.size == 1:
-        return result
-    if rt.is_coordinator:
-        for worker in range(1, rt.size):
-            link.send(result, worker, link_mod.FINISH)
-        return result
-    return link.wait(link_mod.FINISH, 0, lambda: watchdog.beat("waiting for rank 0's results"))[1]
 
 
 def _single(result: dict[str, np.ndarray]):

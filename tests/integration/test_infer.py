@@ -17,10 +17,14 @@ ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIR
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "dogs", "run", "zebra"]
 
 
-def infer(np_, *args, timeout=120):
-    cmd = ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", HVDINFER, "infer", *map(str, args)]
+def infer_cmd(np_, *args):
+    return ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", HVDINFER, "infer", *map(str, args)]
+
+
+def infer(np_, *args, timeout=180, env=None):
     start = time.monotonic()
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(infer_cmd(np_, *args), env=dict(ENV, **(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
     proc.seconds = time.monotonic() - start
     proc.all = proc.stdout + proc.stderr
     return proc

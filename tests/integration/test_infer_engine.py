@@ -13,27 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests import tiny
-from tests.integration.test_infer import ENV, HVDINFER, WORDS
+from tests.integration.test_infer import ENV, WORDS, infer, infer_cmd, model_dir  # noqa: F401 - a fixture
 
 RECORDS = 700  # 11 chunks of 64: the last one short
 CHUNK = 64
-
-
-def mpirun(np_, *args, env=None):
-    return ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", HVDINFER, "infer", *map(str, args)]
-
-
-def infer(np_, *args, env=None, timeout=180):
-    proc = subprocess.run(mpirun(np_, *args), env=dict(ENV, **(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
-    proc.all = proc.stdout + proc.stderr
-    return proc
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.write_model_dir(tmp_path_factory.mktemp("model") / "m", tiny.random_model(3), max_seq_length=16)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +102,7 @@ def test_kill_9_of_a_rank_then_resume_gives_the_same_bytes(tmp_path, model_dir, 
     out = tmp_path / "k.jsonl"
     parts = Path(str(out) + ".parts")
     slow = dict(ENV, HVDINFER_TEST_CHUNK_SECONDS="0.7")
-    proc = subprocess.Popen(mpirun(2, *common(model_dir, source, out)), env=slow, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(infer_cmd(2, *common(model_dir, source, out)), env=slow, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     _wait_for_chunks(parts, 3, proc)
     os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
@@ -141,7 +124,7 @@ def test_kill_9_of_a_rank_then_resume_gives_the_same_bytes(tmp_path, model_dir, 
 def test_a_corrupt_chunk_is_recomputed_and_a_different_job_refused(tmp_path, model_dir, source, reference):
     out = tmp_path / "c.jsonl"
     parts = Path(str(out) + ".parts")
-    proc = subprocess.Popen(mpirun(2, *common(model_dir, source, out)), env=dict(ENV, HVDINFER_TEST_CHUNK_SECONDS="0.7"),
+    proc = subprocess.Popen(infer_cmd(2, *common(model_dir, source, out)), env=dict(ENV, HVDINFER_TEST_CHUNK_SECONDS="0.7"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for_chunks(parts, 4, proc)
     proc.kill()  # kill -9 of mpirun itself
@@ -167,7 +150,7 @@ def test_a_stopped_rank_ends_the_job_in_time_naming_it_and_resume_finishes(tmp_p
     out = tmp_path / "s.jsonl"
     parts = Path(str(out) + ".parts")
     timeout = 6
-    proc = subprocess.Popen(mpirun(2, *common(model_dir, source, out), "--stall-timeout", timeout,
+    proc = subprocess.Popen(infer_cmd(2, *common(model_dir, source, out), "--stall-timeout", timeout,
                                    "--progress-interval", 1),
                             env=dict(ENV, HVDINFER_TEST_CHUNK_SECONDS="0.7"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

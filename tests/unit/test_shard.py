@@ -48,3 +48,12 @@ def test_bad_plans_are_rejected(kwargs, message):
 def test_rank_outside_plan_is_rejected():
     with pytest.raises(ValueError, match="rank 2 outside 0..1"):
         ShardPlan(3, 2).indices(2)
+
+
+def test_deal_wrapped_gives_every_rank_the_same_count():
+    from hvdinfer.data.shard import deal_wrapped
+
+    order = np.arange(7)
+    shares = [deal_wrapped(order, 3, r, 3).tolist() for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4, 1], [2, 5, 2]]
+    assert deal_wrapped(np.arange(2), 3, 2, 2).tolist() == [0, 1]  # dealt nothing: wraps the whole order
