@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,18 +33,17 @@ from typing import Any
 import numpy as np
 
 from hvdinfer import assets, collect, output, runtime
-from hvdinfer.data import batching, chunks, readers
-from hvdinfer.engine import job, journal as journal_mod, link as link_mod, runner, watchdog
+from hvdinfer.data import batching, chunks
+from hvdinfer.engine import job, runner, watchdog
 from hvdinfer.engine.journal import ChunkResult
-from hvdinfer.engine.progress import Progress
 from hvdinfer.engine.schedule import KINDS as SCHEDULES
 from hvdinfer.runtime import JobError
+from hvdinfer.tasks import text_job
 
 LOG = runtime.LOG
 TASKS = ("embed", "classify")
 PRECISIONS = runtime.PRECISIONS
 ON_ERROR = ("fail", "skip")
-CHUNKS_PER_JOB = 128  # auto chunk size: about this many chunks, so dynamic allocation can balance
 MAX_AUTO_CHUNK = 4096
 
 
@@ -113,14 +111,6 @@ class InferConfig:
             raise JobError("--resume needs the journal; drop --no-journal")
         if self.stall_timeout <= 0 or self.progress_interval <= 0:
             raise JobError("--stall-timeout and --progress-interval must be > 0 seconds")
-
-
-def auto_chunk_size(records: int, batch_size: int) -> int:
-    """About CHUNKS_PER_JOB chunks, each at least 4 batches, a multiple of the index granule."""
-    granule = chunks.GRANULE
-    want = max(-(-records // CHUNKS_PER_JOB), 4 * batch_size)
-    size = -(-want // granule) * granule
-    return min(size, max(MAX_AUTO_CHUNK, -(-4 * batch_size // granule) * granule))
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -198,39 +188,6 @@ def warm_up(loaded: Loaded) -> None:
     """Trace the compiled forward once, outside the timed region (one trace serves every shape)."""
     ids = np.full((1, 8), loaded.tokenizer.pad_id, np.int32)
     compiled_forward(loaded.model)(ids, np.ones_like(ids))
-
-
-# --- input ----------------------------------------------------------------------------------------
-def index_input(cfg: InferConfig) -> chunks.InputIndex:
-    """Coordinator: the input's index; compressed input is decompressed once into the journal dir."""
-    spill = journal_mod.journal_dir(cfg.output)
-    try:
-        with watchdog.quiet(f"indexing {cfg.input}"):
-            return chunks.index_input(cfg.input, cfg.input_format, cfg.text_field, None,
-                                      spill_dir=spill if _compressed(cfg.input) else None)
-    except readers.InputError as exc:
-        raise JobError(str(exc)) from None
-
-
-def _compressed(path: Path) -> bool:
-    return path.suffix in (".gz", ".bz2")
-
-
-def check_records(cfg: InferConfig, index: chunks.InputIndex, plan: list[chunks.Chunk]) -> None:
-    """With --on-error fail: every record parsed before any compute; the first bad one ends the job
-    naming file, line and field (with --on-error skip bad records are counted as chunks compute)."""
-    if cfg.on_error == "skip":
-        return
-    first, count = None, 0
-    for chunk in plan:
-        watchdog.beat(f"checking records of chunk {chunk.id}")
-        for record in chunks.parse_chunk(index, chunk, chunks.read_chunk_bytes(index, chunk), cfg.text_field,
-                                         cfg.id_field):
-            if not record.ok:
-                first, count = first or record.error, count + 1
-    if count:
-        more = count - 1
-        raise JobError(first + (f" (and {more} more bad records; --on-error skip keeps going)" if more else ""))
 
 
 # --- the chunk task -------------------------------------------------------------------------------
@@ -314,27 +271,6 @@ def job_identity(cfg: InferConfig, index: chunks.InputIndex, chunk_size: int, pr
             "id_field": cfg.id_field}
 
 
-def open_journal(cfg: InferConfig, identity: dict):
-    if not cfg.journal:
-        return journal_mod.MemoryJournal()
-    return journal_mod.DiskJournal(journal_mod.journal_dir(cfg.output), identity, cfg.resume)
-
-
-def plan_job(cfg: InferConfig, rt: runtime.Runtime, link) -> tuple[chunks.InputIndex, list[chunks.Chunk], int]:
-    """(index, chunks, chunk size): the coordinator indexes (and checks) the input and tells every
-    worker the plan; workers receive the index without its offsets, which only the coordinator reads."""
-    if not rt.is_coordinator:
-        return link.wait(link_mod.BROADCAST, 0, lambda: watchdog.beat("waiting for rank 0 to index the input"))[1]
-    index = index_input(cfg)
-    chunk_size = cfg.chunk_size or auto_chunk_size(index.records, cfg.batch_size)
-    plan = index.chunks(chunk_size)
-    check_records(cfg, index, plan)
-    light = dataclasses.replace(index, offsets=index.offsets[:0], lines=index.lines[:0])
-    for worker in range(1, rt.size):
-        link.send((light, plan, chunk_size), worker, link_mod.BROADCAST)
-    return index, plan, chunk_size
-
-
 def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     engine = job.start(runtime_config, cfg.stall_timeout)
     rt = engine.rt
@@ -343,43 +279,27 @@ def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     with watchdog.quiet("loading the model"):
         loaded = load_model(cfg, precision)
         warm_up(loaded)
-    index, plan, chunk_size = plan_job(cfg, rt, engine.link)
-    task = TextChunks(cfg, index, plan, loaded)
-
-    journal = progress = None
-    todo: list[int] = []
-    if rt.is_coordinator:
-        journal = open_journal(cfg, job_identity(cfg, index, chunk_size, precision, loaded))
-        todo = [c.id for c in plan if c.id not in journal.done]
-        done_records = sum(plan[c].count for c in journal.done)
-        LOG.info("%d records in %d chunks of %d (%d to compute), %d rank(s), %s schedule, precision %s",
-                 index.records, len(plan), chunk_size, len(todo), rt.size, cfg.schedule, precision)
-        progress = Progress(index.records, done_records, not cfg.quiet, cfg.progress_interval, "infer")
-    compute_start = time.perf_counter()
-    runner.run_chunks(task, engine.link, rt.rank, rt.size, cfg.schedule, todo, journal, progress)
-    compute_seconds = time.perf_counter() - compute_start
-
+    index, plan, chunk_size = text_job.plan_job(cfg, rt, engine.link, MAX_AUTO_CHUNK)
+    identity = job_identity(cfg, index, chunk_size, precision, loaded) if rt.is_coordinator else {}
+    computed = text_job.run_chunks(cfg, engine, index, plan, chunk_size, TextChunks(cfg, index, plan, loaded),
+                                   identity, "infer", cfg.schedule, precision)
     summary = None
     if rt.is_coordinator:
-        progress.close()
         width = len(loaded.labels) if loaded.labels else loaded.model.config.hidden_size
-        counts = write_output(cfg, journal, plan, index.records, width, loaded.labels)
-        journal.close(finished=True)
-        if not cfg.journal:  # a compressed input's spill is the only thing in OUT.parts/
-            shutil.rmtree(journal_mod.journal_dir(cfg.output), ignore_errors=True)
-        computed = sum(plan[c].count for c in todo)
+        counts = write_output(cfg, computed.journal, plan, index.records, width, loaded.labels)
+        text_job.close_journal(cfg, computed)
         summary = {"records": index.records, "ok": index.records - counts["skipped"], **counts,
-                   "ranks": rt.size, "schedule": cfg.schedule, "chunks": len(plan), "chunks_computed": len(todo),
-                   "chunk_size": chunk_size, "precision": precision, "precision_reason": precision_reason,
-                   "compute_seconds": compute_seconds,
-                   "records_per_s": computed / compute_seconds if compute_seconds else 0.0,
+                   "ranks": rt.size, "schedule": cfg.schedule, "chunks": len(plan),
+                   "chunks_computed": len(computed.todo), "chunk_size": chunk_size, "precision": precision,
+                   "precision_reason": precision_reason, "compute_seconds": computed.seconds,
+                   "records_per_s": computed.records_per_s,
                    "total_seconds": time.perf_counter() - start, "output": str(cfg.output)}
         if cfg.metrics_json:
             output.write_json(cfg.metrics_json, summary)
         if not cfg.quiet:
+            reused = len(plan) - len(computed.todo)
             print(f"infer: {summary['records']} records -> {cfg.output}: ok {summary['ok']}, "
                   f"skipped {summary['skipped']}, truncated {summary['truncated']}; "
                   f"{summary['records_per_s']:.1f} records/s on {rt.size} rank(s)"
-                  + (f" ({len(plan) - len(todo)} of {len(plan)} chunks reused from the journal)"
-                     if len(todo) < len(plan) else ""), flush=True)
+                  + (f" ({reused} of {len(plan)} chunks reused from the journal)" if reused else ""), flush=True)
     return runner.finish(engine.link, rt.rank, rt.size, summary)
