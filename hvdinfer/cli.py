@@ -48,6 +48,32 @@ def _add_job_flags(p: argparse.ArgumentParser, schedule: bool = True) -> None:
                    help="seconds between progress lines when stderr is not a terminal")
 
 
+def _add_text_job_flags(p: argparse.ArgumentParser, text_field: str, outputs: str) -> None:
+    p.add_argument("--input", required=True, type=Path,
+                   help="JSONL, CSV/TSV with a header, or text lines; .gz/.bz2 compressed too")
+    p.add_argument("--output", required=True, type=Path, help=f"{outputs}; OUT.parts/ is its journal")
+    p.add_argument("--text-field", default=text_field)
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--input-format", default=None, choices=["jsonl", "csv", "tsv", "text"])
+    p.add_argument("--on-error", default="fail", choices=infer_choices("ON_ERROR"),
+                   help="fail: stop before any compute at the first bad record; skip: an error row in its place")
+    p.add_argument("--quiet", action="store_true", help="no progress, no summary")
+    p.add_argument("--metrics-json", type=Path, default=None, help="also write the job summary here")
+    p.add_argument("--chunk-size", type=int, default=0,
+                   help="records per chunk, a multiple of 64 (default: about 1/128 of the input, >= 4 batches)")
+    p.add_argument("--no-journal", action="store_true",
+                   help="hold results in memory instead of OUT.parts/ (no resume; small jobs, benchmarks)")
+
+
+def _text_job_args(args: argparse.Namespace) -> dict:
+    """The config fields every text job takes, from its flags."""
+    return dict(model=args.model, input=args.input, output=args.output, batch_size=args.batch_size,
+                text_field=args.text_field, id_field=args.id_field, input_format=args.input_format,
+                on_error=args.on_error, quiet=args.quiet, precision=args.precision, metrics_json=args.metrics_json,
+                schedule=args.schedule, chunk_size=args.chunk_size, resume=args.resume, journal=not args.no_journal,
+                stall_timeout=args.stall_timeout, progress_interval=args.progress_interval)
+
+
 def _add_stall_flag(g) -> None:
     from hvdinfer.engine import watchdog
 
@@ -94,25 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infer", help="distributed batch inference, results in input order, resumable")
     p.add_argument("--model", required=True, help="model id (minilm-l6) or a saved model directory")
-    p.add_argument("--input", required=True, type=Path,
-                   help="JSONL, CSV/TSV with a header, or text lines; .gz/.bz2 compressed too")
-    p.add_argument("--output", required=True, type=Path,
-                   help=".jsonl (one line per record), .npy (embeddings) or .parquet; OUT.parts/ is its journal")
+    _add_text_job_flags(p, "text", ".jsonl (one line per record), .npy (embeddings) or .parquet")
     p.add_argument("--task", default="embed", choices=infer_choices("TASKS"))
     p.add_argument("--batch-size", type=int, default=64, help="records per forward pass")
     p.add_argument("--max-length", type=int, default=0, help="tokens per text (default: the model's)")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--id-field", default="id")
-    p.add_argument("--input-format", default=None, choices=["jsonl", "csv", "tsv", "text"])
-    p.add_argument("--on-error", default="fail", choices=infer_choices("ON_ERROR"),
-                   help="fail: stop before any compute at the first bad record; skip: an error row in its place")
-    p.add_argument("--quiet", action="store_true", help="no progress, no summary")
-    p.add_argument("--metrics-json", type=Path, default=None, help="also write the job summary here")
     _add_precision_flag(p)
-    p.add_argument("--chunk-size", type=int, default=0,
-                   help="records per chunk, a multiple of 64 (default: about 1/128 of the input, >= 4 batches)")
-    p.add_argument("--no-journal", action="store_true",
-                   help="hold results in memory instead of OUT.parts/ (no resume; small jobs, benchmarks)")
+    _add_job_flags(p)
+    _add_runtime_flags(p)
+
+    p = sub.add_parser("generate", help="text generation for many prompts, in input order, resumable")
+    p.add_argument("--model", required=True, help="a GPT-2-layout model directory (HF config.json, "
+                                                  "model.safetensors, tokenizer files), e.g. what make lm trains")
+    _add_text_job_flags(p, "prompt", ".jsonl (one line per prompt) or .parquet")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus cut")
+    p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (cut before them)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence per token (slow)")
+    _add_precision_flag(p)
     _add_job_flags(p)
     _add_runtime_flags(p)
 
@@ -187,14 +214,16 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "infer":
         from hvdinfer.tasks import infer
 
-        cfg = infer.InferConfig(model=args.model, input=args.input, output=args.output, task=args.task,
-                                batch_size=args.batch_size, max_length=args.max_length, text_field=args.text_field,
-                                id_field=args.id_field, input_format=args.input_format, on_error=args.on_error,
-                                quiet=args.quiet, precision=args.precision, metrics_json=args.metrics_json,
-                                schedule=args.schedule, chunk_size=args.chunk_size, resume=args.resume,
-                                journal=not args.no_journal, stall_timeout=args.stall_timeout,
-                                progress_interval=args.progress_interval)
+        cfg = infer.InferConfig(task=args.task, max_length=args.max_length, **_text_job_args(args))
         infer.run(cfg, _runtime_config(args))
+        return 0
+    if args.command == "generate":
+        from hvdinfer.tasks import generate
+
+        cfg = generate.GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
+                                      kv_cache=not args.no_kv_cache, **_text_job_args(args))
+        generate.run(cfg, _runtime_config(args))
         return 0
     if args.command == "finetune":
         from hvdinfer.tasks import finetune

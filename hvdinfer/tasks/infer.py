@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hvdinfer import assets, collect, output, runtime
+from hvdinfer import collect, output, runtime
 from hvdinfer.data import batching, chunks
 from hvdinfer.engine import job, runner, watchdog
 from hvdinfer.engine.journal import ChunkResult
@@ -123,17 +122,6 @@ class Loaded:
     model_dir: Path
 
 
-def resolve_model_dir(cfg: InferConfig) -> Path:
-    try:
-        model_dir = assets.resolve_model(cfg.model) if cfg.model in assets.ASSETS else Path(cfg.model)
-    except assets.AssetError as exc:
-        raise JobError(str(exc)) from None
-    if not model_dir.is_dir():
-        raise JobError(f"--model {cfg.model}: not a known model id ({', '.join(assets.ASSETS)}) "
-                       f"nor a model directory")
-    return model_dir
-
-
 def load_model(cfg: InferConfig, precision: str) -> Loaded:
     """Resolve the model id or directory and load it, or raise a JobError that says why."""
     import tensorflow as tf
@@ -142,7 +130,7 @@ def load_model(cfg: InferConfig, precision: str) -> Loaded:
 
     # Keras: the policy must be in force when the layers are built; variables stay float32.
     tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
-    model_dir = resolve_model_dir(cfg)
+    model_dir = text_job.resolve_model_dir(cfg.model)
     if cfg.task == "classify" and not heads.has_head(model_dir):
         raise JobError(f"--model {cfg.model}: has no classifier head ({heads.HEAD_CONFIG}); "
                        f"fine-tune one with `hvdinfer finetune` or use --task embed")
@@ -155,17 +143,6 @@ def load_model(cfg: InferConfig, precision: str) -> Loaded:
     if max_length > info.config.max_position:
         raise JobError(f"--max-length {max_length} exceeds the model's {info.config.max_position} positions")
     return Loaded(model, tokenizer, max_length, getattr(model, "labels", None), model_dir)
-
-
-def model_digest(model_dir: Path) -> str:
-    """sha256 over the files that decide the outputs (weights, head, tokenizer, pooling config)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=4)
@@ -265,7 +242,7 @@ def write_output(cfg: InferConfig, journal, plan: list[chunks.Chunk], records: i
 def job_identity(cfg: InferConfig, index: chunks.InputIndex, chunk_size: int, precision: str,
                  loaded: Loaded) -> dict:
     """Everything that changes a chunk's result: a resume must match it exactly."""
-    return {"task": cfg.task, "model": cfg.model, "model_sha256": model_digest(loaded.model_dir),
+    return {"task": cfg.task, "model": cfg.model, "model_sha256": text_job.model_digest(loaded.model_dir),
             "input": index.identity(), "chunk_size": chunk_size, "batch_size": cfg.batch_size,
             "max_length": loaded.max_length, "precision": precision, "text_field": cfg.text_field,
             "id_field": cfg.id_field}

@@ -9,12 +9,13 @@ identity (everything that changes a chunk's result) and the writer of its output
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shutil
 import time
 from pathlib import Path
 from typing import Protocol
 
-from hvdinfer import runtime
+from hvdinfer import assets, runtime
 from hvdinfer.data import chunks, readers
 from hvdinfer.engine import journal as journal_mod, link as link_mod, runner, watchdog
 from hvdinfer.engine.job import Job
@@ -49,6 +50,29 @@ def auto_chunk_size(records: int, batch_size: int, most: int) -> int:
     want = max(-(-records // CHUNKS_PER_JOB), 4 * batch_size)
     size = -(-want // granule) * granule
     return min(size, max(most, -(-4 * batch_size // granule) * granule))
+
+
+# --- model ----------------------------------------------------------------------------------------
+def resolve_model_dir(model: str) -> Path:
+    """A registered model id (fetched and verified into the cache) or a model directory."""
+    try:
+        model_dir = assets.resolve_model(model) if model in assets.ASSETS else Path(model)
+    except assets.AssetError as exc:
+        raise JobError(str(exc)) from None
+    if not model_dir.is_dir():
+        raise JobError(f"--model {model}: not a known model id ({', '.join(assets.ASSETS)}) nor a model directory")
+    return model_dir
+
+
+def model_digest(model_dir: Path) -> str:
+    """sha256 over the files that decide the outputs (weights, config, tokenizer, head)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 # --- input ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ def test_every_probed_function_exists():
 def fake_run(wall=20.0):
     calls = {name: {"calls": 1, "seconds": s} for name, s in [
         ("start", 1.0), ("resolve_precision", 0.1), ("load_model", 1.5), ("warm_up", 2.0), ("plan_job", 0.5),
-        ("index_input", 0.2), ("check_records", 0.2), ("open_journal", 0.1), ("run_chunks", 8.0),
+        ("index_input", 0.2), ("check_records", 0.2), ("DiskJournal.__init__", 0.1), ("run_chunks", 8.0),
         ("TextChunks.compute", 7.0), ("TextChunks.prepare", 1.0), ("DiskJournal.put", 0.3),
         ("DiskJournal.read", 0.1), ("DiskJournal.close", 0.1), ("write_output", 0.4), ("finish", 0.0)]}
     rank0 = {"process_start": 100.2, "probe_start": 100.3, "tensorflow_imported": 103.3, "hvdinfer_imported": 103.4,
