@@ -6,6 +6,9 @@ tensor, every checkpoint tensor is used (or explicitly ignored: the pooler, the 
 buffer), and every shape matches. Linear weights are stored (out, in) as in PyTorch and
 transposed for Keras Dense kernels (in, out). Checkpoints with a `bert.` prefix (BertFor* heads)
 load the same way.
+
+The checks and the file handling are generic over such a table (`assign_table`, `table_tensors`,
+`write_safetensors`); models/gpt_weights.py uses them with GPT-2's table.
 """
 from __future__ import annotations
 
@@ -64,11 +67,11 @@ def hf_variables(model: tf.keras.Model) -> dict[str, tuple[tf.Variable, bool]]:
             **_dense(f"{layer}.output.dense", block.ffn_out),
             **_norm(f"{layer}.output.LayerNorm", block.ffn_norm),
         })
-    _check_covers(model, table)
+    check_covers(model, table)
     return table
 
 
-def _check_covers(model: tf.keras.Model, table: dict[str, tuple[tf.Variable, bool]]) -> None:
+def check_covers(model: tf.keras.Model, table: dict[str, tuple[tf.Variable, bool]]) -> None:
     """Every model variable appears in the table exactly once."""
     covered = {id(var) for var, _ in table.values()}
     unmapped = [w.name for w in model.weights if id(w) not in covered]
@@ -88,8 +91,14 @@ def checkpoint_prefix(keys: Iterable[str]) -> str:
 
 def assign(model: tf.keras.Model, tensors: dict[str, np.ndarray], ignore: Iterable[str] = IGNORED) -> None:
     """Set every variable of `model` from HF-named `tensors`; all checks pass before anything is assigned."""
-    table = hf_variables(model)
-    prefix = checkpoint_prefix(tensors)
+    assign_table(hf_variables(model), tensors, checkpoint_prefix(tensors), ignore)
+
+
+def assign_table(table: dict[str, tuple[tf.Variable, bool]], tensors: dict[str, np.ndarray], prefix: str = "",
+                 ignore: Iterable[str] = ()) -> None:
+    """Set every variable of `table` from `tensors[prefix + name]`: each present, of the right shape
+    and floating point, and every tensor used or matched by an `ignore` pattern; all checks pass
+    before anything is assigned."""
     ignored = [re.compile(pattern) for pattern in ignore]
     values = []
     for name, (var, transposed) in table.items():
@@ -120,14 +129,23 @@ def load_weights(model: tf.keras.Model, path: str | os.PathLike, ignore: Iterabl
 
 def hf_tensors(model: tf.keras.Model) -> dict[str, np.ndarray]:
     """The model's variables under their HF names, in HF layout (Linear weights (out, in))."""
-    return {name: np.ascontiguousarray(var.numpy().T if transposed else var.numpy())
-            for name, (var, transposed) in hf_variables(model).items()}
+    return table_tensors(hf_variables(model))
+
+
+def table_tensors(table: dict[str, tuple[tf.Variable, bool]], prefix: str = "") -> dict[str, np.ndarray]:
+    """{prefix + name: value in checkpoint layout} for every variable of `table`."""
+    return {prefix + name: np.ascontiguousarray(var.numpy().T if transposed else var.numpy())
+            for name, (var, transposed) in table.items()}
 
 
 def save_weights(model: tf.keras.Model, path: str | os.PathLike) -> None:
     """Write the model as a bare-BertModel `model.safetensors` (no pooler), atomically."""
+    write_safetensors(hf_tensors(model), path)
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write `tensors` to `path` atomically, marked "pt" so HF transformers reads it as a checkpoint."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    # "pt" layout: HF transformers reads the file as a BertModel checkpoint.
-    safetensors.numpy.save_file(hf_tensors(model), str(partial), metadata={"format": "pt"})
+    safetensors.numpy.save_file(tensors, str(partial), metadata={"format": "pt"})
     os.replace(partial, path)
