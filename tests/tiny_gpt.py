@@ -14,7 +14,7 @@ from models import gpt, registry
 
 EOS = "<|endoftext|>"
 # Each word becomes one token through a chain of merges, left to right ("Ġ" is a leading space).
-WORDS = ["the", "Ġthe", "Ġcat", "Ġsat", "Ġon", "Ġmat", "Ġdog", "Hello", "Ġworld", "ing", "Ġa", "Ġand"]
+WORDS = ["Ġthe", "the", "Ġcat", "Ġsat", "Ġon", "Ġmat", "Ġdog", "Hello", "Ġworld", "ing", "Ġa", "Ġand"]
 
 
 def vocabulary() -> tuple[dict[str, int], list[str]]:
