@@ -1,5 +1,6 @@
 """`hvdinfer infer` end to end under mpirun on a generated debug-size model directory:
 input order, N-invariance, .npy output, and every bad-input case (fail and skip)."""
+import functools
 import json
 import os
 import subprocess
@@ -17,17 +18,22 @@ ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIR
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "dogs", "run", "zebra"]
 
 
-def infer_cmd(np_, *args):
-    return ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", HVDINFER, "infer", *map(str, args)]
+def hvdinfer_cmd(command, np_, *args):
+    return ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", HVDINFER, command, *map(str, args)]
 
 
-def infer(np_, *args, timeout=180, env=None):
+def run_hvdinfer(command, np_, *args, timeout=180, env=None):
+    """`hvdinfer COMMAND ARGS` under mpirun -np NP; the process with .all (stdout + stderr) and .seconds."""
     start = time.monotonic()
-    proc = subprocess.run(infer_cmd(np_, *args), env=dict(ENV, **(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(hvdinfer_cmd(command, np_, *args), env=dict(ENV, **(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
     proc.seconds = time.monotonic() - start
     proc.all = proc.stdout + proc.stderr
     return proc
+
+
+infer_cmd = functools.partial(hvdinfer_cmd, "infer")
+infer = functools.partial(run_hvdinfer, "infer")
 
 
 @pytest.fixture(scope="module")

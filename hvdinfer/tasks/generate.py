@@ -1,0 +1,296 @@
+"""Distributed text generation: many prompts in, one continuation per prompt out, complete and in
+input order, resumable after any crash; the same job engine as `hvdinfer infer`.
+
+    mpirun -np 2 --oversubscribe --bind-to none .venv/bin/hvdinfer generate \
+        --model runs/lm/model --input prompts.jsonl --output out.jsonl --max-new-tokens 64 --seed 1
+    ... after a crash, the same command with --resume computes only what is missing.
+
+The data path, top-down:
+  index + check (coordinator, tasks/text_job) -> journal -> schedule (chunks of prompts on demand)
+  -> prepare (any rank, helper thread: parse, tokenise, left-truncate a prompt that leaves no room
+  for --max-new-tokens, sort by length, cut into batches)
+  -> generate (models/decoding: one prefill, then one compiled step per new token against the
+  KV cache; sampling on the host, each prompt's random stream from (seed, prompt index))
+  -> journal -> write (coordinator: `{"index", "id", "text", "tokens", "finish_reason"}` per prompt,
+  in input order, .jsonl or .parquet).
+A prompt's continuation depends on its own tokens, the seed and its index alone, so any rank may
+compute it: outputs are identical for any number of ranks, either schedule and after a resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hvdinfer import collect, output, runtime
+from hvdinfer.data import chunks
+from hvdinfer.engine import job, runner, watchdog
+from hvdinfer.engine.journal import ChunkResult
+from hvdinfer.engine.schedule import KINDS as SCHEDULES
+from hvdinfer.runtime import JobError
+from hvdinfer.tasks import text_job
+
+LOG = runtime.LOG
+ON_ERROR = ("fail", "skip")
+MAX_AUTO_CHUNK = 256  # a generated record costs ~100x an embedded one: smaller chunks keep ranks balanced
+SUFFIXES = (".jsonl", ".parquet")
+FINISH_REASONS = ("length", "stop", "eos")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """One `hvdinfer generate` job."""
+
+    model: str
+    """A GPT-2-layout model directory (config.json, model.safetensors, tokenizer files)."""
+    input: Path
+    """Prompts: JSONL, CSV/TSV with a header, or plain text (one prompt per line); .gz/.bz2 too."""
+    output: Path
+    """.jsonl (one line per prompt) or .parquet, in input order."""
+    max_new_tokens: int = 64
+    """Tokens generated per prompt at most."""
+    temperature: float = 1.0
+    """0 = greedy; otherwise logits are divided by it before sampling."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 = all."""
+    top_p: float = 1.0
+    """Sample among the smallest set of tokens whose probability reaches p; 1 = all."""
+    seed: int = 0
+    """Each prompt's random stream derives from (seed, prompt index): the same for any ranks."""
+    stop: tuple[str, ...] = ()
+    """Stop a continuation where it first contains one of these strings (cut before it)."""
+    batch_size: int = 16
+    """Prompts decoded together."""
+    kv_cache: bool = True
+    """False: recompute the whole sequence for every new token (slow; the bench's baseline)."""
+    text_field: str = "prompt"
+    """Field (JSONL) or column (CSV/TSV) holding the prompt."""
+    id_field: str = "id"
+    """Field or column holding the record id; the 0-based record index when absent."""
+    input_format: str | None = None
+    """Override the format the extension implies: jsonl, csv, tsv, text."""
+    on_error: str = "fail"
+    """fail: stop before any compute if any prompt is bad; skip: keep it as an error row and go on."""
+    quiet: bool = False
+    """No progress and no summary."""
+    metrics_json: Path | None = None
+    """Also write the job's summary (counts, tokens/s, seconds) to this JSON file."""
+    precision: str = "auto"
+    """auto (bf16 only where the hardware computes it natively), fp32, or bf16 compute."""
+    schedule: str = "dynamic"
+    """dynamic: chunks on demand, a slower rank takes fewer; static: chunk c on rank c % ranks."""
+    chunk_size: int = 0
+    """Prompts per chunk (a multiple of 64); 0 = about 1/128 of the input, at most 256."""
+    resume: bool = False
+    """Reuse the finished chunks in OUTPUT.parts/ of an interrupted run of this same job."""
+    journal: bool = True
+    """False: hold results in memory instead (no resume)."""
+    stall_timeout: float = watchdog.DEFAULT_TIMEOUT_S
+    """End the job when a rank makes no progress for this many seconds."""
+    progress_interval: float = 30.0
+    """Seconds between progress lines when stderr is not a terminal."""
+
+    def __post_init__(self):
+        for name, allowed in (("precision", runtime.PRECISIONS), ("on_error", ON_ERROR), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise JobError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                               f"not {getattr(self, name)!r}")
+        if self.batch_size < 1:
+            raise JobError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.chunk_size < 0 or self.chunk_size % chunks.GRANULE:
+            raise JobError(f"--chunk-size must be 0 (auto) or a positive multiple of {chunks.GRANULE}, "
+                           f"got {self.chunk_size}")
+        if self.output.suffix not in SUFFIXES:
+            raise JobError(f"--output {self.output}: use a {' or '.join(SUFFIXES)} file")
+        if self.resume and not self.journal:
+            raise JobError("--resume needs the journal; drop --no-journal")
+        if self.stall_timeout <= 0 or self.progress_interval <= 0:
+            raise JobError("--stall-timeout and --progress-interval must be > 0 seconds")
+        self.sampling()  # invalid sampling values fail here, before any compute
+
+    def sampling(self):
+        from models import decoding
+
+        try:
+            return decoding.SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                           top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                                           stop=tuple(self.stop))
+        except (TypeError, ValueError) as exc:
+            raise JobError(str(exc)) from None
+
+
+# --- model ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    context: int
+    """Positions the model has: prompt + new tokens must fit."""
+    model_dir: Path
+
+
+def load_model(cfg: GenerateConfig, precision: str) -> Loaded:
+    """Load the GPT-2-layout directory, or raise a JobError that says why."""
+    import tensorflow as tf
+
+    from models import gpt_loading
+
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+    model_dir = text_job.resolve_model_dir(cfg.model)
+    try:
+        model, tokenizer, config = gpt_loading.load_gpt(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise JobError(f"--model {cfg.model}: cannot load model: {exc}") from None
+    if cfg.max_new_tokens >= config.n_positions:
+        raise JobError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                       f"context of {config.n_positions} tokens")
+    return Loaded(model, tokenizer, config.n_positions, model_dir)
+
+
+# --- the chunk task -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Prepared:
+    chunk: chunks.Chunk
+    records: list
+    batches: list[tuple[list[int], list[list[int]]]]
+    """(positions of the records in the chunk, their prompt tokens), longest prompts first."""
+    truncated: np.ndarray
+
+
+def prompt_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Positions cut into batches of similar prompt length (less padding), longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@dataclasses.dataclass
+class PromptChunks:
+    """`runner.ChunkTask` for prompts: bytes -> records -> token batches -> continuations."""
+
+    cfg: GenerateConfig
+    index: chunks.InputIndex
+    plan: list[chunks.Chunk]
+    loaded: Loaded | None = None
+
+    def payload(self, chunk_id: int) -> tuple[chunks.Chunk, bytes]:
+        chunk = self.plan[chunk_id]
+        return chunk, chunks.read_chunk_bytes(self.index, chunk)
+
+    def prepare(self, chunk_id: int, payload: tuple[chunks.Chunk, bytes]) -> Prepared:
+        chunk, data = payload
+        records = chunks.parse_chunk(self.index, chunk, data, self.cfg.text_field, self.cfg.id_field)
+        room = self.loaded.context - self.cfg.max_new_tokens
+        good = [i for i, r in enumerate(records) if r.ok]
+        tokens = self.loaded.tokenizer.encode_batch_ids([records[i].text for i in good])
+        truncated = np.zeros(len(records), bool)
+        for i, ids in zip(good, tokens):
+            truncated[i] = len(ids) > room
+        tokens = [ids[-room:] for ids in tokens]  # left-truncation keeps the end, where generation continues
+        batches = [([good[j] for j in rows], [tokens[j] for j in rows])
+                   for rows in prompt_batches([len(t) for t in tokens], self.cfg.batch_size)]
+        return Prepared(chunk, records, batches, truncated)
+
+    def compute(self, prepared: Prepared) -> ChunkResult:
+        from models import decoding
+
+        chunk, records = prepared.chunk, prepared.records
+        params = self.cfg.sampling()
+        texts: list[str | None] = [None] * len(records)
+        tokens: list[list[int] | None] = [None] * len(records)
+        finish: list[str | None] = [None] * len(records)
+        for number, (positions, prompts) in enumerate(prepared.batches):
+            what = f"generating chunk {chunk.id}, batch {number + 1} of {len(prepared.batches)}"
+            watchdog.beat(what)
+            generations = decoding.generate_batch(
+                self.loaded.model, self.loaded.tokenizer, prompts, [chunk.first_record + p for p in positions],
+                params, use_cache=self.cfg.kv_cache, on_step=lambda step: watchdog.beat(f"{what}, token {step}"))
+            for position, generation in zip(positions, generations):
+                texts[position], tokens[position] = generation.text, list(generation.tokens)
+                finish[position] = generation.finish_reason
+        new_tokens = np.array([len(t) if t is not None else 0 for t in tokens], np.int32)
+        return ChunkResult(len(records), {"new_tokens": new_tokens, "truncated": prepared.truncated},
+                           {"ids": [r.id for r in records], "errors": [r.error for r in records],
+                            "texts": texts, "tokens": tokens, "finish_reasons": finish})
+
+
+# --- output ---------------------------------------------------------------------------------------
+def output_schema():
+    import pyarrow as pa
+
+    return output.record_schema(("text", pa.string()), ("tokens", pa.list_(pa.int32())),
+                                ("finish_reason", pa.string()))
+
+
+def output_block(first: int, result: ChunkResult) -> dict:
+    meta = result.meta
+    return {"index": np.arange(first, first + result.records), "id": meta["ids"], "text": meta["texts"],
+            "tokens": meta["tokens"], "finish_reason": meta["finish_reasons"], "error": meta["errors"]}
+
+
+def write_output(cfg: GenerateConfig, journal, plan: list[chunks.Chunk], computed: set[int]) -> dict:
+    """Stream the journal's chunks into the output in input order; the counts it saw on the way
+    (`tokens_computed`: the new tokens of the chunks this run computed, not reused ones)."""
+    counts = {"skipped": 0, "truncated": 0, "new_tokens": 0, "tokens_computed": 0,
+              **{f"finish_{r}": 0 for r in FINISH_REASONS}}
+    with output.open_output(cfg.output, output_schema()) as out:
+        for chunk in plan:
+            watchdog.beat(f"writing chunk {chunk.id} of {len(plan)} to {cfg.output}")
+            result = journal.read(chunk.id)
+            counts["skipped"] += sum(e is not None for e in result.meta["errors"])
+            counts["truncated"] += int(result.arrays["truncated"].sum())
+            counts["new_tokens"] += int(result.arrays["new_tokens"].sum())
+            if chunk.id in computed:
+                counts["tokens_computed"] += int(result.arrays["new_tokens"].sum())
+            for reason in result.meta["finish_reasons"]:
+                if reason is not None:
+                    counts[f"finish_{reason}"] += 1
+            out.write_block(output_block(chunk.first_record, result))
+    return counts
+
+
+# --- the job --------------------------------------------------------------------------------------
+def job_identity(cfg: GenerateConfig, index: chunks.InputIndex, chunk_size: int, precision: str,
+                 loaded: Loaded) -> dict:
+    """Everything that changes a chunk's result: a resume must match it exactly."""
+    return {"task": "generate", "model": cfg.model, "model_sha256": text_job.model_digest(loaded.model_dir),
+            "input": index.identity(), "chunk_size": chunk_size, "batch_size": cfg.batch_size,
+            "precision": precision, "text_field": cfg.text_field, "id_field": cfg.id_field,
+            "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
+            "top_p": cfg.top_p, "seed": cfg.seed, "stop": list(cfg.stop), "kv_cache": cfg.kv_cache}
+
+
+def run(cfg: GenerateConfig, runtime_config: runtime.RuntimeConfig) -> dict:
+    engine = job.start(runtime_config, cfg.stall_timeout)
+    rt = engine.rt
+    start = time.perf_counter()
+    precision, precision_reason = runtime.resolve_precision(cfg.precision, collect.allgather_json)
+    with watchdog.quiet("loading the model"):
+        loaded = load_model(cfg, precision)
+    index, plan, chunk_size = text_job.plan_job(cfg, rt, engine.link, MAX_AUTO_CHUNK)
+    identity = job_identity(cfg, index, chunk_size, precision, loaded) if rt.is_coordinator else {}
+    computed = text_job.run_chunks(cfg, engine, index, plan, chunk_size, PromptChunks(cfg, index, plan, loaded),
+                                   identity, "generate", cfg.schedule, precision)
+    summary = None
+    if rt.is_coordinator:
+        counts = write_output(cfg, computed.journal, plan, set(computed.todo))
+        text_job.close_journal(cfg, computed)
+        summary = {"prompts": index.records, "ok": index.records - counts["skipped"], **counts,
+                   "ranks": rt.size, "schedule": cfg.schedule, "chunks": len(plan),
+                   "chunks_computed": len(computed.todo), "chunk_size": chunk_size, "precision": precision,
+                   "precision_reason": precision_reason, "kv_cache": cfg.kv_cache,
+                   "compute_seconds": computed.seconds, "prompts_per_s": computed.records_per_s,
+                   "tokens_per_s": counts["tokens_computed"] / computed.seconds if computed.seconds else 0.0,
+                   "total_seconds": time.perf_counter() - start, "output": str(cfg.output)}
+        if cfg.metrics_json:
+            output.write_json(cfg.metrics_json, summary)
+        if not cfg.quiet:
+            reused = len(plan) - len(computed.todo)
+            print(f"generate: {summary['prompts']} prompts -> {cfg.output}: ok {summary['ok']}, "
+                  f"skipped {summary['skipped']}, truncated {summary['truncated']}; {summary['new_tokens']} new "
+                  f"tokens (length {counts['finish_length']}, stop {counts['finish_stop']}, eos "
+                  f"{counts['finish_eos']}); {summary['tokens_per_s']:.1f} new tokens/s on {rt.size} rank(s)"
+                  + (f" ({reused} of {len(plan)} chunks reused from the journal)" if reused else ""), flush=True)
+    return runner.finish(engine.link, rt.rank, rt.size, summary)
