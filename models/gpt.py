@@ -14,9 +14,11 @@ batching live in models/decoding.py):
 
 Positions are counted per row from the attention mask (cumsum - 1), so left-padded rows give their
 real tokens positions 0, 1, .. as if they were alone. The cache is one preallocated variable
-(n_layer, 2 (keys, values), batch, n_head, max_len, head_dim) from `new_cache`, written in place
-at one column per step, so `decode_step` is one compiled graph per (batch, max_len) for a whole
-generation. Nothing here knows about Horovod or ranks.
+(n_layer, 2 (keys, values), batch, n_head, max_len, head_dim) from `new_cache`: prefill writes
+columns 0..length-1, each decode step writes column `step_index` in place and reads columns
+0..step_index back (sparse scatter/gather: no copy of the whole cache, and a step costs what the
+sequence so far costs, not max_len). `decode_step` is one compiled graph per cache shape, for a
+whole generation and for every batch of that shape. Nothing here knows about Horovod or ranks.
 """
 from __future__ import annotations
 
