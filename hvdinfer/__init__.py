@@ -7,6 +7,8 @@
     hvdinfer.init()                                     # Horovod + threads, MPI yield, watchdog
     preds = hvdinfer.predict(model, x, batch_size=256)  # all rows in input order, on every rank
     hvdinfer.predict(model, x, output="preds.npy", resume=True)   # streamed, journaled, resumable
+    outs = hvdinfer.generate("runs/lm/model", ["ROMEO:", "To be"], max_new_tokens=40, temperature=0.8, seed=1)
+    # outs: [{"text": ..., "tokens": [...], "finish_reason": "length"|"stop"|"eos"}, ...] in order, every rank
     if hvdinfer.is_coordinator(): print(preds.shape)
 
 Fine-tuning your own Keras model data-parallel with the same runtime:
@@ -21,7 +23,7 @@ This module re-exports; the code lives in hvdinfer.engine, hvdinfer.parallel and
 from __future__ import annotations
 
 __version__ = "0.2.0"
-__all__ = ["init", "predict", "rank", "size", "local_rank", "is_coordinator", "data_parallel", "scaled_lr",
+__all__ = ["init", "predict", "generate", "rank", "size", "local_rank", "is_coordinator", "data_parallel", "scaled_lr",
            "shard", "JobError"]
 
 from hvdinfer.runtime import JobError
@@ -68,6 +70,13 @@ def predict(model, x, batch_size: int = 256, output=None, resume: bool = False, 
 
     return _predict(model, x, batch_size=batch_size, output=output, resume=resume, schedule=schedule,
                     chunk_size=chunk_size, progress=progress)
+
+
+def generate(model, prompts, *, output=None, resume: bool = False, progress: bool = True, **settings):
+    """See hvdinfer.tasks.generate.generate_texts: every prompt's continuation, in order, on every rank."""
+    from hvdinfer.tasks.generate import generate_texts
+
+    return generate_texts(model, prompts, output=output, resume=resume, progress=progress, **settings)
 
 
 def data_parallel(optimizer):

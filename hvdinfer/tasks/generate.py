@@ -19,6 +19,7 @@ compute it: outputs are identical for any number of ranks, either schedule and a
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 
 from hvdinfer import collect, output, runtime
 from hvdinfer.data import chunks
-from hvdinfer.engine import job, runner, watchdog
+from hvdinfer.engine import job, journal as journal_mod, runner, watchdog
 from hvdinfer.engine.journal import ChunkResult
 from hvdinfer.engine.schedule import KINDS as SCHEDULES
 from hvdinfer.runtime import JobError
@@ -294,3 +295,55 @@ def run(cfg: GenerateConfig, runtime_config: runtime.RuntimeConfig) -> dict:
                   f"{counts['finish_eos']}); {summary['tokens_per_s']:.1f} new tokens/s on {rt.size} rank(s)"
                   + (f" ({reused} of {len(plan)} chunks reused from the journal)" if reused else ""), flush=True)
     return runner.finish(engine.link, rt.rank, rt.size, summary)
+
+
+# --- the Python API -------------------------------------------------------------------------------
+def _api_row(row: dict, source: Path) -> dict:
+    """An output line as the API returns it: no index or id, an error naming the list position."""
+    if "error" in row:
+        return {"error": row["error"].replace(f"{source}:{row['index'] + 1}: field 'prompt'", f"prompts[{row['index']}]")}
+    return {key: row[key] for key in ("text", "tokens", "finish_reason")}
+
+
+def write_prompts(path: Path, prompts: list[str]) -> None:
+    output.write_jsonl(path, ({"prompt": prompt} for prompt in prompts))
+
+
+def generate_texts(model: str | Path, prompts: list[str], *, output: str | Path | None = None,
+                   resume: bool = False, progress: bool = True, **settings) -> list[dict] | Path:
+    """`hvdinfer.generate`: continue every prompt over all ranks; every rank passes the same prompts.
+
+    Returns, on every rank, one dict per prompt in input order: {"text", "tokens", "finish_reason"}
+    (or {"error"} for an empty prompt). With `output` (.jsonl or .parquet) the results are streamed
+    there and journaled beside it (`resume=True` continues an interrupted call), and the output's
+    Path is returned instead. `settings` are GenerateConfig fields: max_new_tokens, temperature,
+    top_k, top_p, seed, stop, batch_size, kv_cache, schedule, chunk_size, stall_timeout, on_error.
+    """
+    import tempfile
+
+    engine = job.start()
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise JobError("generate: prompts must be a list of strings")
+    if not prompts:
+        raise JobError("generate: no prompts")
+    unknown = set(settings) - {f.name for f in dataclasses.fields(GenerateConfig)} | (
+        set(settings) & {"model", "input", "output", "resume", "journal", "quiet", "text_field", "id_field"})
+    if unknown:
+        raise JobError(f"generate: unknown or fixed setting(s): {', '.join(sorted(unknown))}")
+    with tempfile.TemporaryDirectory(prefix="hvdinfer-generate-") as scratch:
+        target = Path(output) if output is not None else Path(scratch) / "out.jsonl"
+        # The prompts file lives in the journal directory when there is one, so a resumed call finds
+        # the same input (same bytes, same identity) and the finished job removes it with the journal.
+        source = (journal_mod.journal_dir(target) if output is not None else Path(scratch)) / "prompts.jsonl"
+        if engine.rt.is_coordinator:
+            source.parent.mkdir(parents=True, exist_ok=True)
+            write_prompts(source, prompts)
+        cfg = GenerateConfig(model=str(model), input=source, output=target, resume=resume, journal=output is not None,
+                             quiet=not progress, **{"on_error": "skip", **settings})
+        run(cfg, None)
+        if output is not None:
+            return target
+        rows = None
+        if engine.rt.is_coordinator:
+            rows = [_api_row(json.loads(line), source) for line in target.read_text(encoding="utf-8").splitlines()]
+        return runner.finish(engine.link, engine.rt.rank, engine.rt.size, rows)
