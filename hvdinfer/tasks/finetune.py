@@ -12,11 +12,11 @@ evaluation over the whole eval set across ranks (confusion counts allreduced), m
 atomic epoch checkpoint from the coordinator -> at the end, DIR is a model directory that
 `hvdinfer infer --task classify` loads.
 
-Checkpoints live in DIR/checkpoints: `epoch-NNNN` after each epoch, and at most one `step-NNNNNNNN`
-(the newest mid-epoch one; an epoch checkpoint makes it stale and removes it). Each holds the
-weights, optimizer state and dropout counter, and state.json with the position (epochs done, steps
-into the next epoch, optimizer step) and the run's identity. Only the coordinator writes them, each
-staged in a hidden directory and renamed into place. `--resume` continues from the furthest one:
+Checkpoints live in DIR/checkpoints (written as hvdinfer/engine/checkpoints.py describes): `epoch-NNNN`
+after each epoch, and at most one `step-NNNNNNNN` (the newest mid-epoch one; an epoch checkpoint
+makes it stale and removes it). Each holds the weights, optimizer state and dropout counter, and
+state.json with the position (epochs done, steps into the next epoch, optimizer step) and the run's
+identity. Only the coordinator writes them, each staged in a hidden directory and renamed into place. `--resume` continues from the furthest one:
 from a mid-epoch checkpoint, a first `fit` runs the rest of the interrupted epoch (its seeded batch
 order, less the batches already trained) and that epoch's evaluation and checkpoint, then training
 goes on epoch by epoch. The weights end bitwise as an uninterrupted run's. The resumed epoch's
@@ -24,17 +24,14 @@ logged train loss and accuracy are Keras' running means since the resume, so the
 steps trained after it (`train_steps` in its metrics.json record says how many); its evaluation
 covers the whole eval set as always.
 
-Test-only knob: HVDINFER_TEST_EXIT_AFTER_CHECKPOINT=k makes the coordinator exit with status 3 right
-after writing its k-th checkpoint of the process (mpirun then ends the other ranks): a crash at a
-known point, for the resume tests.
+Test-only knob: HVDINFER_TEST_EXIT_AFTER_CHECKPOINT (engine/checkpoints.py), a crash right after the
+coordinator's k-th checkpoint, for the resume tests.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -44,6 +41,7 @@ import tensorflow as tf
 from hvdinfer import collect, output, runtime
 from hvdinfer.data import batching, readers
 from hvdinfer.data.shard import deal_wrapped
+from hvdinfer.engine import checkpoints
 from hvdinfer.engine import job as engine_job
 from hvdinfer.engine import watchdog
 from hvdinfer.engine.keras_beat import WatchdogBeat
@@ -51,8 +49,6 @@ from hvdinfer.runtime import JobError
 
 LOG = runtime.LOG
 CHECKPOINTS = "checkpoints"
-TEST_EXIT_AFTER_CHECKPOINT = "HVDINFER_TEST_EXIT_AFTER_CHECKPOINT"
-TEST_EXIT_STATUS = 3
 MODEL_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "tokenizer.json", "1_Pooling")
 
 
@@ -268,36 +264,14 @@ class SavedCheckpoint:
 
 def last_checkpoint(cfg: FinetuneConfig) -> SavedCheckpoint | None:
     """The complete checkpoint furthest into training (epoch end or mid-epoch), if any."""
-    root = cfg.output_dir / CHECKPOINTS
-    found = []
-    for path in (sorted(root.glob("epoch-*")) + sorted(root.glob("step-*"))) if root.is_dir() else []:
-        if (path / "state.json").is_file():
-            state = json.loads((path / "state.json").read_text())
-            found.append(SavedCheckpoint(Position(state["epoch"], state.get("step_in_epoch", 0)), path, state))
+    found = [SavedCheckpoint(Position(state["epoch"], state.get("step_in_epoch", 0)), path, state)
+             for path, state in checkpoints.complete(cfg.output_dir / CHECKPOINTS, "epoch-*", "step-*")]
     return max(found, key=lambda c: c.position, default=None)
 
 
 def drop_mid_epoch_checkpoints(root: Path, keep: Path | None = None) -> None:
     """Remove every mid-epoch checkpoint but `keep`: renamed out of last_checkpoint's sight first."""
-    for path in root.glob("step-*"):
-        if path != keep:
-            stale = path.with_name(f".{path.name}.stale")
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(path, stale)
-            shutil.rmtree(stale)
-
-
-def save_checkpoint(ckpt, root: Path, name: str, state: dict) -> Path:
-    """Coordinator only: weights + optimizer state (tf.train.Checkpoint) + state.json, swapped in whole."""
-    final = root / name
-    staging = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    ckpt.write(str(staging / "ckpt"))
-    (staging / "state.json").write_text(json.dumps(state, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    return final
+    checkpoints.remove(root, "step-*", keep)
 
 
 def write_model_dir(model, base_dir: Path, out_dir: Path, max_length: int) -> None:
@@ -342,24 +316,11 @@ def check_resume(cfg: FinetuneConfig, labels: list[str], size: int, train: Label
         LOG.warning("--resume: no checkpoint in %s; starting from the base model", cfg.output_dir / CHECKPOINTS)
     if found is None:
         return None
-    now = training_identity(cfg, labels, size, train, precision)
-    changed = {k: (found.state.get(k), v) for k, v in now.items() if found.state.get(k) != v}
-    if changed:
-        raise JobError(f"--resume: {found.path} was written with other settings, so resuming would not continue "
-                       "the same run: " + "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+    checkpoints.check_same_run(found.path, found.state, training_identity(cfg, labels, size, train, precision))
     if found.position > Position(cfg.epochs):
         raise JobError(f"--resume: the last checkpoint {found.path.name} is {found.position.epoch} epoch(s) and "
                        f"{found.position.step_in_epoch} step(s) in, beyond --epochs {cfg.epochs}")
     return found
-
-
-def restore(ckpt, optimizer, checkpoint: SavedCheckpoint) -> None:
-    """Every rank reads the checkpoint; rank 0's copy is then broadcast anyway (BroadcastGlobalVariablesCallback)."""
-    ckpt.read(str(checkpoint.path / "ckpt")).assert_consumed()
-    step = checkpoint.state["step"]
-    if int(optimizer.iterations.numpy()) != step:
-        raise JobError(f"--resume: {checkpoint.path} restored step {int(optimizer.iterations.numpy())}, "
-                       f"expected {step}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,7 +349,7 @@ class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
         self.job, self.history = job, history
         self.skipped = start.step_in_epoch  # batches of the first epoch trained before a resume: Keras counts from 0
         self.epoch = start.epoch
-        self.written = 0
+        self.written = checkpoints.WriteCounter()
         self.writer = (tf.summary.create_file_writer(str(job.cfg.output_dir / "tensorboard"))
                        if job.rt.is_coordinator else None)
         self.start = time.perf_counter()
@@ -432,15 +393,11 @@ class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
         root = self.job.cfg.output_dir / CHECKPOINTS
         state = {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch,
                  "step": int(self.model.optimizer.iterations.numpy()), **self.job.identity}
-        path = save_checkpoint(self.job.ckpt, root, checkpoint_name(position, self.job.steps), state)
+        path = checkpoints.save(self.job.ckpt, root, checkpoint_name(position, self.job.steps), state)
         drop_mid_epoch_checkpoints(root, keep=path if position.step_in_epoch else None)
         if position.step_in_epoch:
             LOG.info("checkpoint %s: step %d of epoch %d", path.name, position.step_in_epoch, position.epoch + 1)
-        self.written += 1
-        if os.environ.get(TEST_EXIT_AFTER_CHECKPOINT) == str(self.written):
-            LOG.warning("%s=%d: exiting after writing %s", TEST_EXIT_AFTER_CHECKPOINT, self.written, path)
-            sys.stdout.flush()
-            os._exit(TEST_EXIT_STATUS)
+        self.written.wrote(path)
 
 
 def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
@@ -466,7 +423,7 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     optimizer.build(model.trainable_variables)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
     if resume_from:
-        restore(ckpt, optimizer, resume_from)
+        checkpoints.restore(ckpt, resume_from.path, optimizer, resume_from.state["step"])
         LOG.info("resumed from %s (%d of %d epochs done, then %d step(s))", resume_from.path, start.epoch,
                  cfg.epochs, start.step_in_epoch)
 
