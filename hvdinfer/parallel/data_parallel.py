@@ -31,16 +31,47 @@ class LinearWarmup(tf.keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "warmup": self.warmup}
 
 
+@tf.keras.utils.register_keras_serializable("hvdinfer")
+class WarmupCosine(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """0 -> peak linearly over `warmup` steps, then a cosine decay to min_ratio x peak at step
+    `total`, constant after. `total` is a variable (read at every step, inside the compiled train
+    function), so a run planned by time can set it once it has measured its speed
+    (`schedule.total.assign(n)`); the warm-up never depends on it."""
+
+    def __init__(self, peak: float, warmup: int, total: int, min_ratio: float = 0.1):
+        self.peak, self.warmup, self.min_ratio = float(peak), int(warmup), float(min_ratio)
+        self.total = tf.Variable(float(total), trainable=False, dtype=tf.float32, name="schedule_total")
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warm = self.peak * tf.minimum(1.0, (step + 1.0) / max(1, self.warmup))
+        progress = tf.clip_by_value((step - self.warmup) / tf.maximum(1.0, self.total - self.warmup), 0.0, 1.0)
+        cosine = self.peak * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + tf.cos(3.141592653589793 * progress)))
+        return tf.where(step < self.warmup, warm, cosine)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup": self.warmup, "total": int(self.total.numpy()),
+                "min_ratio": self.min_ratio}
+
+
 def scaled_learning_rate(base_lr: float, size: int, scale: bool = True) -> float:
     """Horovod's rule: the learning rate grows with the number of ranks (documented, overridable)."""
     return base_lr * size if scale else base_lr
 
 
-def apply_data_parallel(optimizer: tf.keras.optimizers.Optimizer) -> tuple[tf.keras.optimizers.Optimizer, list]:
-    """(distributed optimizer, callbacks) for `model.compile` / `model.fit` on every rank."""
+def apply_data_parallel(optimizer: tf.keras.optimizers.Optimizer,
+                        sparse_as_dense: bool = False) -> tuple[tf.keras.optimizers.Optimizer, list]:
+    """(distributed optimizer, callbacks) for `model.compile` / `model.fit` on every rank.
+
+    The distributed optimizer is rebuilt from `optimizer.get_config()` (Horovod's way): settings
+    outside the config (a schedule's state, exclude_from_weight_decay) must be set on it after.
+    `sparse_as_dense` allreduces sparse gradients (an embedding lookup's) as dense tensors instead
+    of allgathering their rows: cheaper when a batch touches most rows of a small table.
+    """
     import horovod.tensorflow.keras as hvd
 
-    distributed = hvd.DistributedOptimizer(optimizer)
+    # Horovod: gradients averaged over ranks with allreduce before every update.
+    distributed = hvd.DistributedOptimizer(optimizer, sparse_as_dense=sparse_as_dense)
     callbacks = [
         # Horovod: start every rank from rank 0's variables (initial or restored from a checkpoint).
         hvd.callbacks.BroadcastGlobalVariablesCallback(0),
