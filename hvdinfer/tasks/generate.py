@@ -30,27 +30,28 @@ from hvdinfer import collect, output, runtime
 from hvdinfer.data import chunks
 from hvdinfer.engine import job, journal as journal_mod, runner, watchdog
 from hvdinfer.engine.journal import ChunkResult
-from hvdinfer.engine.schedule import KINDS as SCHEDULES
 from hvdinfer.runtime import JobError
 from hvdinfer.tasks import text_job
 
 LOG = runtime.LOG
-ON_ERROR = ("fail", "skip")
 MAX_AUTO_CHUNK = 256  # a generated record costs ~100x an embedded one: smaller chunks keep ranks balanced
-SUFFIXES = (".jsonl", ".parquet")
 FINISH_REASONS = ("length", "stop", "eos")
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateConfig:
-    """One `hvdinfer generate` job."""
+class GenerateConfig(text_job.TextJobConfig):
+    """One `hvdinfer generate` job (the fields every text job takes: text_job.TextJobConfig)."""
 
     model: str
     """A GPT-2-layout model directory (config.json, model.safetensors, tokenizer files)."""
-    input: Path
-    """Prompts: JSONL, CSV/TSV with a header, or plain text (one prompt per line); .gz/.bz2 too."""
     output: Path
     """.jsonl (one line per prompt) or .parquet, in input order."""
+    batch_size: int = 16
+    """Prompts decoded together."""
+    text_field: str = "prompt"
+    """Field (JSONL) or column (CSV/TSV) holding the prompt."""
+    chunk_size: int = 0
+    """Prompts per chunk (a multiple of 64); 0 = about 1/128 of the input, at most 256."""
     max_new_tokens: int = 64
     """Tokens generated per prompt at most."""
     temperature: float = 1.0
@@ -63,53 +64,12 @@ class GenerateConfig:
     """Each prompt's random stream derives from (seed, prompt index): the same for any ranks."""
     stop: tuple[str, ...] = ()
     """Stop a continuation where it first contains one of these strings (cut before it)."""
-    batch_size: int = 16
-    """Prompts decoded together."""
     kv_cache: bool = True
     """False: recompute the whole sequence for every new token (slow; the bench's baseline)."""
-    text_field: str = "prompt"
-    """Field (JSONL) or column (CSV/TSV) holding the prompt."""
-    id_field: str = "id"
-    """Field or column holding the record id; the 0-based record index when absent."""
-    input_format: str | None = None
-    """Override the format the extension implies: jsonl, csv, tsv, text."""
-    on_error: str = "fail"
-    """fail: stop before any compute if any prompt is bad; skip: keep it as an error row and go on."""
-    quiet: bool = False
-    """No progress and no summary."""
-    metrics_json: Path | None = None
-    """Also write the job's summary (counts, tokens/s, seconds) to this JSON file."""
-    precision: str = "auto"
-    """auto (bf16 only where the hardware computes it natively), fp32, or bf16 compute."""
-    schedule: str = "dynamic"
-    """dynamic: chunks on demand, a slower rank takes fewer; static: chunk c on rank c % ranks."""
-    chunk_size: int = 0
-    """Prompts per chunk (a multiple of 64); 0 = about 1/128 of the input, at most 256."""
-    resume: bool = False
-    """Reuse the finished chunks in OUTPUT.parts/ of an interrupted run of this same job."""
-    journal: bool = True
-    """False: hold results in memory instead (no resume)."""
-    stall_timeout: float = watchdog.DEFAULT_TIMEOUT_S
-    """End the job when a rank makes no progress for this many seconds."""
-    progress_interval: float = 30.0
-    """Seconds between progress lines when stderr is not a terminal."""
 
+    OUTPUT_SUFFIXES = (".jsonl", ".parquet")
     def __post_init__(self):
-        for name, allowed in (("precision", runtime.PRECISIONS), ("on_error", ON_ERROR), ("schedule", SCHEDULES)):
-            if getattr(self, name) not in allowed:
-                raise JobError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                               f"not {getattr(self, name)!r}")
-        if self.batch_size < 1:
-            raise JobError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.chunk_size < 0 or self.chunk_size % chunks.GRANULE:
-            raise JobError(f"--chunk-size must be 0 (auto) or a positive multiple of {chunks.GRANULE}, "
-                           f"got {self.chunk_size}")
-        if self.output.suffix not in SUFFIXES:
-            raise JobError(f"--output {self.output}: use a {' or '.join(SUFFIXES)} file")
-        if self.resume and not self.journal:
-            raise JobError("--resume needs the journal; drop --no-journal")
-        if self.stall_timeout <= 0 or self.progress_interval <= 0:
-            raise JobError("--stall-timeout and --progress-interval must be > 0 seconds")
+        super().__post_init__()
         self.sampling()  # invalid sampling values fail here, before any compute
 
     def sampling(self):

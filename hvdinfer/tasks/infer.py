@@ -35,81 +35,37 @@ from hvdinfer import collect, output, runtime
 from hvdinfer.data import batching, chunks
 from hvdinfer.engine import job, runner, watchdog
 from hvdinfer.engine.journal import ChunkResult
-from hvdinfer.engine.schedule import KINDS as SCHEDULES
 from hvdinfer.runtime import JobError
 from hvdinfer.tasks import text_job
 
 LOG = runtime.LOG
 TASKS = ("embed", "classify")
 PRECISIONS = runtime.PRECISIONS
-ON_ERROR = ("fail", "skip")
+ON_ERROR = text_job.ON_ERROR
 MAX_AUTO_CHUNK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig:
-    """One `hvdinfer infer` job."""
+class InferConfig(text_job.TextJobConfig):
+    """One `hvdinfer infer` job (the fields every text job takes: text_job.TextJobConfig)."""
 
-    model: str
-    """A model id (see hvdinfer.assets.ASSETS) or a saved model directory."""
-    input: Path
-    """JSONL, CSV/TSV with a header, or plain text (one record per line); .gz/.bz2 too."""
     output: Path
     """.jsonl (one line per input record), .npy (the embeddings array) or .parquet, in input order."""
     task: str = "embed"
     """embed (sentence embeddings) or classify (needs a model directory with a classifier head)."""
-    batch_size: int = 64
-    """Records per forward pass."""
     max_length: int = 0
     """Tokens per text after truncation; 0 = the model's own (256 for minilm-l6)."""
-    text_field: str = "text"
-    """Field (JSONL) or column (CSV/TSV) holding the text."""
-    id_field: str = "id"
-    """Field or column holding the record id; the 0-based record index when absent."""
-    input_format: str | None = None
-    """Override the format the extension implies: jsonl, csv, tsv, text."""
-    on_error: str = "fail"
-    """fail: stop before any compute if any record is bad; skip: keep it as an error row and go on."""
-    quiet: bool = False
-    """No progress and no summary."""
-    metrics_json: Path | None = None
-    """Also write the job's summary (counts, records/s, seconds) to this JSON file."""
-    precision: str = "auto"
-    """auto (bf16 only where the hardware computes it natively), fp32, or bf16 compute."""
-    schedule: str = "dynamic"
-    """dynamic: chunks on demand, a slower rank takes fewer; static: chunk c on rank c % ranks."""
-    chunk_size: int = 0
-    """Records per chunk (a multiple of 64); 0 = about 1/128 of the input, at least 4 batches."""
-    resume: bool = False
-    """Reuse the finished chunks in OUTPUT.parts/ of an interrupted run of this same job."""
-    journal: bool = True
-    """False: hold results in memory instead (no resume; for small jobs and benchmarks)."""
-    stall_timeout: float = watchdog.DEFAULT_TIMEOUT_S
-    """End the job when a rank makes no progress for this many seconds."""
-    progress_interval: float = 30.0
-    """Seconds between progress lines when stderr is not a terminal."""
+
+    OUTPUT_SUFFIXES = output.SUFFIXES
 
     def __post_init__(self):
-        for name, allowed in (("task", TASKS), ("precision", PRECISIONS), ("on_error", ON_ERROR),
-                              ("schedule", SCHEDULES)):
-            if getattr(self, name) not in allowed:
-                raise JobError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                               f"not {getattr(self, name)!r}")
-        if self.batch_size < 1:
-            raise JobError(f"--batch-size must be >= 1, got {self.batch_size}")
+        super().__post_init__()
+        if self.task not in TASKS:
+            raise JobError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.max_length < 0 or self.max_length == 1:
             raise JobError(f"--max-length must be 0 (the model's) or >= 2, got {self.max_length}")
-        if self.chunk_size < 0 or self.chunk_size % chunks.GRANULE:
-            raise JobError(f"--chunk-size must be 0 (auto) or a positive multiple of {chunks.GRANULE}, "
-                           f"got {self.chunk_size}")
-        if self.output.suffix not in output.SUFFIXES:
-            raise JobError(f"--output {self.output}: use a {', '.join(output.SUFFIXES)} file")
         if self.output.suffix == ".npy" and self.task != "embed":
             raise JobError("--output .npy holds embeddings only; use .jsonl or .parquet with --task classify")
-        if self.resume and not self.journal:
-            raise JobError("--resume needs the journal; drop --no-journal")
-        if self.stall_timeout <= 0 or self.progress_interval <= 0:
-            raise JobError("--stall-timeout and --progress-interval must be > 0 seconds")
 
 
 # --- model ----------------------------------------------------------------------------------------

@@ -13,34 +13,78 @@ import hashlib
 import shutil
 import time
 from pathlib import Path
-from typing import Protocol
 
 from hvdinfer import assets, runtime
 from hvdinfer.data import chunks, readers
-from hvdinfer.engine import journal as journal_mod, link as link_mod, runner, watchdog
+from hvdinfer.engine import journal as journal_mod, link as link_mod, runner, schedule as schedule_mod, watchdog
 from hvdinfer.engine.job import Job
 from hvdinfer.engine.progress import Progress
 from hvdinfer.runtime import JobError
 
 LOG = runtime.LOG
 CHUNKS_PER_JOB = 128  # auto chunk size: about this many chunks, so dynamic allocation can balance
+ON_ERROR = ("fail", "skip")
 
 
-class TextJobConfig(Protocol):
-    """The fields of a task's config that this module reads."""
+@dataclasses.dataclass(frozen=True)
+class TextJobConfig:
+    """The settings every job over a text file takes; a task's config adds its own."""
 
+    model: str
+    """A model id (see hvdinfer.assets.ASSETS) or a model directory."""
     input: Path
+    """JSONL, CSV/TSV with a header, or plain text (one record per line); .gz/.bz2 too."""
     output: Path
-    input_format: str | None
-    text_field: str
-    id_field: str
-    on_error: str
-    batch_size: int
-    chunk_size: int
-    resume: bool
-    journal: bool
-    quiet: bool
-    progress_interval: float
+    """The task's output file, in input order; OUTPUT.parts/ is its journal."""
+    batch_size: int = 64
+    """Records per batch."""
+    text_field: str = "text"
+    """Field (JSONL) or column (CSV/TSV) holding the text."""
+    id_field: str = "id"
+    """Field or column holding the record id; the 0-based record index when absent."""
+    input_format: str | None = None
+    """Override the format the extension implies: jsonl, csv, tsv, text."""
+    on_error: str = "fail"
+    """fail: stop before any compute if any record is bad; skip: keep it as an error row and go on."""
+    quiet: bool = False
+    """No progress and no summary."""
+    metrics_json: Path | None = None
+    """Also write the job's summary (counts, rates, seconds) to this JSON file."""
+    precision: str = "auto"
+    """auto (bf16 only where the hardware computes it natively), fp32, or bf16 compute."""
+    schedule: str = "dynamic"
+    """dynamic: chunks on demand, a slower rank takes fewer; static: chunk c on rank c % ranks."""
+    chunk_size: int = 0
+    """Records per chunk (a multiple of 64); 0 = about 1/128 of the input, at least 4 batches."""
+    resume: bool = False
+    """Reuse the finished chunks in OUTPUT.parts/ of an interrupted run of this same job."""
+    journal: bool = True
+    """False: hold results in memory instead (no resume; for small jobs and benchmarks)."""
+    stall_timeout: float = watchdog.DEFAULT_TIMEOUT_S
+    """End the job when a rank makes no progress for this many seconds."""
+    progress_interval: float = 30.0
+    """Seconds between progress lines when stderr is not a terminal."""
+
+    OUTPUT_SUFFIXES = (".jsonl", ".parquet")
+
+    def __post_init__(self):
+        for name, allowed in (("precision", runtime.PRECISIONS), ("on_error", ON_ERROR),
+                              ("schedule", schedule_mod.KINDS)):
+            if getattr(self, name) not in allowed:
+                raise JobError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                               f"not {getattr(self, name)!r}")
+        if self.batch_size < 1:
+            raise JobError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.chunk_size < 0 or self.chunk_size % chunks.GRANULE:
+            raise JobError(f"--chunk-size must be 0 (auto) or a positive multiple of {chunks.GRANULE}, "
+                           f"got {self.chunk_size}")
+        if self.output.suffix not in self.OUTPUT_SUFFIXES:
+            *most, last = self.OUTPUT_SUFFIXES
+            raise JobError(f"--output {self.output}: use a {', '.join(most)} or {last} file")
+        if self.resume and not self.journal:
+            raise JobError("--resume needs the journal; drop --no-journal")
+        if self.stall_timeout <= 0 or self.progress_interval <= 0:
+            raise JobError("--stall-timeout and --progress-interval must be > 0 seconds")
 
 
 def auto_chunk_size(records: int, batch_size: int, most: int) -> int:
