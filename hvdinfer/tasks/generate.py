@@ -64,6 +64,8 @@ class GenerateConfig(text_job.TextJobConfig):
     """Each prompt's random stream derives from (seed, prompt index): the same for any ranks."""
     stop: tuple[str, ...] = ()
     """Stop a continuation where it first contains one of these strings (cut before it)."""
+    ignore_eos: bool = False
+    """Generate past the end-of-text token: every continuation runs to max_new_tokens or a stop string."""
     kv_cache: bool = True
     """False: recompute the whole sequence for every new token (slow; the bench's baseline)."""
 
@@ -78,7 +80,7 @@ class GenerateConfig(text_job.TextJobConfig):
         try:
             return decoding.SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                            top_k=self.top_k, top_p=self.top_p, seed=self.seed,
-                                           stop=tuple(self.stop))
+                                           stop=tuple(self.stop), ignore_eos=self.ignore_eos)
         except (TypeError, ValueError) as exc:
             raise JobError(str(exc)) from None
 
@@ -127,24 +129,12 @@ def prompt_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-@dataclasses.dataclass
-class PromptChunks:
+class PromptChunks(text_job.FileChunks):
     """`runner.ChunkTask` for prompts: bytes -> records -> token batches -> continuations."""
 
-    cfg: GenerateConfig
-    index: chunks.InputIndex
-    plan: list[chunks.Chunk]
-    loaded: Loaded | None = None
-
-    def payload(self, chunk_id: int) -> tuple[chunks.Chunk, bytes]:
-        chunk = self.plan[chunk_id]
-        return chunk, chunks.read_chunk_bytes(self.index, chunk)
-
     def prepare(self, chunk_id: int, payload: tuple[chunks.Chunk, bytes]) -> Prepared:
-        chunk, data = payload
-        records = chunks.parse_chunk(self.index, chunk, data, self.cfg.text_field, self.cfg.id_field)
+        chunk, records, good = self.records(payload)
         room = self.loaded.context - self.cfg.max_new_tokens
-        good = [i for i, r in enumerate(records) if r.ok]
         tokens = self.loaded.tokenizer.encode_batch_ids([records[i].text for i in good])
         truncated = np.zeros(len(records), bool)
         for i, ids in zip(good, tokens):
@@ -220,7 +210,9 @@ def job_identity(cfg: GenerateConfig, index: chunks.InputIndex, chunk_size: int,
             "input": index.identity(), "chunk_size": chunk_size, "batch_size": cfg.batch_size,
             "precision": precision, "text_field": cfg.text_field, "id_field": cfg.id_field,
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
-            "top_p": cfg.top_p, "seed": cfg.seed, "stop": list(cfg.stop), "kv_cache": cfg.kv_cache}
+            "top_p": cfg.top_p, "seed": cfg.seed, "stop": list(cfg.stop), "kv_cache": cfg.kv_cache,
+            # Only when set, so a journal written before the flag existed still resumes.
+            **({"ignore_eos": True} if cfg.ignore_eos else {})}
 
 
 def run(cfg: GenerateConfig, runtime_config: runtime.RuntimeConfig) -> dict:

@@ -124,23 +124,11 @@ def warm_up(loaded: Loaded) -> None:
 
 
 # --- the chunk task -------------------------------------------------------------------------------
-@dataclasses.dataclass
-class TextChunks:
+class TextChunks(text_job.FileChunks):
     """`runner.ChunkTask` for text input: bytes -> records -> token batches -> model outputs."""
 
-    cfg: InferConfig
-    index: chunks.InputIndex
-    plan: list[chunks.Chunk]
-    loaded: Loaded | None = None
-
-    def payload(self, chunk_id: int) -> tuple[chunks.Chunk, bytes]:
-        chunk = self.plan[chunk_id]
-        return chunk, chunks.read_chunk_bytes(self.index, chunk)
-
     def prepare(self, chunk_id: int, payload: tuple[chunks.Chunk, bytes]):
-        chunk, data = payload
-        records = chunks.parse_chunk(self.index, chunk, data, self.cfg.text_field, self.cfg.id_field)
-        good = [i for i, r in enumerate(records) if r.ok]
+        chunk, records, good = self.records(payload)
         ids, truncated = self.loaded.tokenizer.encode_ids([records[i].text for i in good], self.loaded.max_length)
         batches = batching.make_batches(np.asarray(good, np.int64), ids, self.cfg.batch_size,
                                         pad_id=self.loaded.tokenizer.pad_id)

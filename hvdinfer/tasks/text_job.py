@@ -13,6 +13,7 @@ import hashlib
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from hvdinfer import assets, runtime
 from hvdinfer.data import chunks, readers
@@ -169,6 +170,28 @@ def plan_job(cfg: TextJobConfig, rt: runtime.Runtime, link, most_per_chunk: int
 
 
 # --- the chunks -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FileChunks:
+    """The input side of a `runner.ChunkTask` over a text file: the coordinator sends each chunk
+    with its raw bytes; the rank that computes it parses them. A task adds `prepare` and `compute`."""
+
+    cfg: TextJobConfig
+    index: chunks.InputIndex
+    plan: list[chunks.Chunk]
+    loaded: Any = None
+    """The task's model and tokenizer, on every rank."""
+
+    def payload(self, chunk_id: int) -> tuple[chunks.Chunk, bytes]:
+        chunk = self.plan[chunk_id]
+        return chunk, chunks.read_chunk_bytes(self.index, chunk)
+
+    def records(self, payload: tuple[chunks.Chunk, bytes]) -> tuple[chunks.Chunk, list[readers.Record], list[int]]:
+        """(chunk, its records, the positions of the good ones)."""
+        chunk, data = payload
+        records = chunks.parse_chunk(self.index, chunk, data, self.cfg.text_field, self.cfg.id_field)
+        return chunk, records, [i for i, r in enumerate(records) if r.ok]
+
+
 @dataclasses.dataclass
 class Computed:
     """What the coordinator knows once every chunk is journaled."""
