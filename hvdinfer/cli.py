@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus cut")
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (cut before them)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate past the end-of-text token (fixed lengths: until --max-new-tokens or a stop string)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence per token (slow)")
     _add_precision_flag(p)
@@ -266,7 +268,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         cfg = generate.GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
-                                      kv_cache=not args.no_kv_cache, **_text_job_args(args))
+                                      ignore_eos=args.ignore_eos, kv_cache=not args.no_kv_cache, **_text_job_args(args))
         generate.run(cfg, _runtime_config(args))
         return 0
     if args.command == "finetune":

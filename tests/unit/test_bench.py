@@ -87,3 +87,13 @@ def test_bench_flags():
     assert cli.build_parser().parse_args(["bench"]).rss_records == (10_000, 100_000, 1_000_000)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--rss-records", "10k"])
+
+
+def test_generate_ignore_eos_flag_reaches_the_sampling_parameters(tmp_path):
+    argv = ["generate", "--model", "m", "--input", "in.jsonl", "--output", str(tmp_path / "o.jsonl")]
+    assert not cli.build_parser().parse_args(argv).ignore_eos
+    args = cli.build_parser().parse_args([*argv, "--ignore-eos"])
+    from hvdinfer.tasks import generate
+
+    cfg = generate.GenerateConfig(model=args.model, input=args.input, output=args.output, ignore_eos=args.ignore_eos)
+    assert args.ignore_eos and cfg.sampling().ignore_eos
