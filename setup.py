@@ -20,6 +20,10 @@ setup(
         "tqdm",
         "pyarrow>=17,<26",  # 26 needs NumPy 2
         "orjson>=3.9",
+        "fastapi",
+        "uvicorn",
+        "pydantic>=2",
+        "prometheus-client",
     ],
     entry_points={"console_scripts": ["hvdinfer=hvdinfer.cli:main"]},
 )

@@ -153,6 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_flags(p)
     _add_runtime_flags(p)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on the coordinator, every rank computing")
+    p.add_argument("--model", required=True, help="model id (minilm-l6), a sentence-embedder or classifier directory, "
+                                                  "or a GPT-2-layout directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="texts per batch sent to a rank; sequences decoded together per rank")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a text waits for others to fill its batch")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: env HVDINFER_API_KEY, else none)")
+    p.add_argument("--max-queue", type=int, default=4096, help="texts and sequences waiting at most (then 429)")
+    p.add_argument("--request-timeout", type=float, default=120.0, metavar="S", help="per-request limit (then 504)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (then 413)")
+    p.add_argument("--batching", default="continuous", choices=["continuous", "static"],
+                   help="generation: sequences join and leave every iteration, or a group at a time")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
+    _add_stall_flag(p)
+    _add_precision_flag(p)
+    _add_runtime_flags(p)
+
     p = sub.add_parser("finetune", help="data-parallel fine-tuning (hvd.DistributedOptimizer), exact resume")
     p.add_argument("--model", required=True, help="base model id (minilm-l6) or model directory")
     p.add_argument("--task", default="classify", choices=["classify"])
@@ -336,6 +357,16 @@ def dispatch(args: argparse.Namespace) -> int:
 
             bench_peer.bench_peer(args.np, args.out, args.peer_long_records, args.peer_short_records, args.repeats,
                                   args.precision)
+        return 0
+    if args.command == "serve":
+        from hvdinfer.tasks import serve
+
+        cfg = serve.ServeConfig(model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
+                                max_wait_ms=args.max_wait_ms, api_key=args.api_key, max_queue=args.max_queue,
+                                request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                                batching=args.batching, precision=args.precision, stall_timeout=args.stall_timeout,
+                                shutdown_timeout=args.shutdown_timeout)
+        serve.run(cfg, _runtime_config(args))
         return 0
     if args.command == "demo":
         from hvdinfer import demo

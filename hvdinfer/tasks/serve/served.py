@@ -1,0 +1,104 @@
+"""The served model on one rank, and what one rank computes: a batch of texts -> embeddings or class
+probabilities (the same compiled forward as `hvdinfer infer`), or sequences decoded with
+iteration-level batching (models/slots.py). No HTTP and no MPI here: ranks.py feeds it messages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hvdinfer import assets
+from hvdinfer.runtime import JobError
+from hvdinfer.tasks import text_job
+
+KINDS = ("embed", "classify", "generate")
+
+
+@dataclasses.dataclass
+class Served:
+    """One model, loaded on every rank the same way."""
+
+    name: str
+    """The id clients name it by (a registered id, else the directory's name)."""
+    model_dir: Path
+    kind: str
+    """embed (a sentence embedder), classify (an embedder with a classifier head: also embeds) or generate."""
+    model: Any
+    tokenizer: Any
+    context: int
+    """Tokens per text (embedders: the model's max_seq_length) or positions (decoders)."""
+    labels: list[str] | None = None
+    embedder: Any = None
+
+    def names(self) -> set[str]:
+        return {self.name, str(self.model_dir), self.model_dir.name}
+
+    def endpoints(self) -> set[str]:
+        return {"generate": {"completions", "chat"}, "embed": {"embeddings"},
+                "classify": {"embeddings", "classify"}}[self.kind]
+
+
+def model_kind(model_dir: Path) -> str:
+    from models import heads
+
+    config = model_dir / "config.json"
+    try:
+        if json.loads(config.read_text()).get("model_type") == "gpt2":
+            return "generate"
+    except (OSError, json.JSONDecodeError) as exc:
+        raise JobError(f"--model {model_dir}: unreadable {config.name}: {exc}") from None
+    return "classify" if heads.has_head(model_dir) else "embed"
+
+
+def load(model: str, precision: str) -> Served:
+    import tensorflow as tf
+
+    from models import gpt_loading, loading
+
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+    model_dir = text_job.resolve_model_dir(model)
+    kind = model_kind(model_dir)
+    name = model if model in assets.ASSETS else model_dir.name
+    try:
+        if kind == "generate":
+            lm, tokenizer, config = gpt_loading.load_gpt(model_dir)
+            return Served(name, model_dir, kind, lm, tokenizer, config.n_positions)
+        load_fn = loading.load_classifier if kind == "classify" else loading.load_sentence_embedder
+        net, tokenizer, info = load_fn(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise JobError(f"--model {model}: cannot load model: {exc}") from None
+    embedder = net.embedder if kind == "classify" else net
+    return Served(name, model_dir, kind, net, tokenizer, info.max_seq_length, getattr(net, "labels", None), embedder)
+
+
+class TextForward:
+    """Texts -> one float32 row each, in batches padded to their own longest (as `infer` does)."""
+
+    def __init__(self, served: Served, batch_size: int):
+        from hvdinfer.tasks import infer
+
+        self.served, self.batch_size = served, batch_size
+        self.forwards = {"embed": infer.compiled_forward(served.embedder)}
+        if served.kind == "classify":
+            self.forwards["classify"] = infer.compiled_forward(served.model)
+        for forward in self.forwards.values():
+            ids = np.full((1, 8), served.tokenizer.pad_id, np.int32)
+            forward(ids, np.ones_like(ids))  # the one trace, before the first request
+
+    def __call__(self, task: str, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """(values (n, width), tokens per text)."""
+        from hvdinfer.data import batching
+
+        ids, _ = self.served.tokenizer.encode_ids(texts)
+        out = None
+        for batch in batching.make_batches(np.arange(len(texts)), ids, self.batch_size,
+                                           pad_id=self.served.tokenizer.pad_id):
+            values = self.forwards[task](batch.input_ids, batch.attention_mask).numpy()
+            if out is None:
+                out = np.empty((len(texts), values.shape[1]), np.float32)
+            out[batch.indices] = values
+        return out, [len(i) for i in ids]
