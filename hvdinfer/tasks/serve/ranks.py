@@ -11,10 +11,14 @@ Text batches come first (they are short and someone waits for each), then one de
 over every active sequence: a sequence joins a free slot between two iterations and leaves the
 iteration it finishes (`--batching continuous`, the default), or, with `--batching static`, a new
 group is admitted only once the whole previous group has finished (the baseline the bench compares).
+
+Test knob: HVDINFER_TEST_STEP_SECONDS=S makes every decode iteration take at least S seconds, so
+tests can time a request out or freeze a rank in the middle of one.
 """
 from __future__ import annotations
 
 import collections
+import os
 import time
 from typing import Any, Callable
 
@@ -33,6 +37,7 @@ class RankLoop:
         self.texts: collections.deque = collections.deque()
         self.waiting: collections.deque = collections.deque()
         self.stopping = False
+        self.min_step_s = float(os.environ.get("HVDINFER_TEST_STEP_SECONDS", "0"))
         if served.kind == "generate":
             from models.slots import SlotDecoder
 
@@ -108,8 +113,10 @@ class RankLoop:
                     self.send(("failed", "generate", key, str(exc)))
                     continue
                 admit.append((key, prompt, sampling, index))
+        start = time.monotonic()
         events = decoder.admit(admit)
         events += decoder.step() if decoder.active else []
+        time.sleep(max(0.0, self.min_step_s - (time.monotonic() - start)))
         if events:
             self.send(("events", events))
 
