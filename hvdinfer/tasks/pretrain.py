@@ -521,7 +521,7 @@ def run(cfg: PretrainConfig, runtime_config: runtime.RuntimeConfig) -> dict:
                "parameters": parameter_count(model), "trained_steps": trained_steps, "train_seconds": train_seconds,
                "tokens_per_s": tokens / train_seconds if train_seconds else 0.0,
                "minutes": (time.monotonic() - started) / 60, "precision": precision,
-               "precision_reason": precision_reason, "weights_identical_on_ranks": True,
+               "precision_reason": precision_reason, "weights_sha256_per_rank": digests,
                "heldout_nats_per_char": history[-1]["heldout_nats_per_char"],
                "heldout_bits_per_char": history[-1]["heldout_bits_per_char"]}
     if rt.is_coordinator:
