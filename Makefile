@@ -1,5 +1,6 @@
 # hvdinfer: build, test, demo, bench. Every target sets up what it needs from nothing.
 #   make demo    the main job, from scratch
+#   make lm      train a GPT-2-layout model on Shakespeare, NP ranks, LM_MINUTES (20) -> runs/lm/model
 #   make test    install, unit tests, then the parallel tests under mpirun (one mpirun per file)
 #   make bench   side-by-side ratios (JSON + PNG under bench-out/), the peer in .venv-peer (make peer-env)
 #   make install idempotent: apt MPI, .venv, pinned stack, Horovod 0.28.1 from source, hvdinfer
@@ -31,7 +32,7 @@ PIP_FILTER := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory
 HOROVOD_BUILD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
 	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2
 
-.PHONY: install mpi test unit parallel integration demo bench peer-env peer-env-best-effort clean doctor
+.PHONY: install mpi test unit parallel integration demo lm bench peer-env peer-env-best-effort clean doctor
 
 install: mpi $(VENV)/.stamp-hvdinfer
 
@@ -87,6 +88,12 @@ test: install
 
 demo: install
 	$(HVD) demo --np $(NP)
+
+# --resume: an interrupted run continues (within what is left of LM_MINUTES); a finished one is kept.
+LM_DIR ?= runs/lm
+LM_MINUTES ?= 20
+lm: install
+	$(MPIRUN) -np $(NP) $(HVD) pretrain --output-dir $(LM_DIR) --max-minutes $(LM_MINUTES) --eval-every 300 --resume
 
 bench: install peer-env-best-effort
 	$(HVD) bench --np $(NP) --out bench-out

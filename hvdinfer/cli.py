@@ -252,12 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=2, help="engine, peer: runs of each timed pair (fastest kept)")
     g.add_argument("--peer-long-records", type=int, default=1024, help="peer: 128-token texts")
     g.add_argument("--peer-short-records", type=int, default=10_000, help="peer: short texts (5-25 words)")
+    g = p.add_argument_group("generate bench (a GPT-2-size model with random weights; --repeats applies)")
+    g.add_argument("--generate-prompts", type=int, default=256,
+                   help="prompts of the hvdinfer generate and HF jobs (a multiple of 128, >= 256)")
+    g.add_argument("--generate-tokens", type=int, default=32, help="new tokens per prompt in those jobs")
+    g.add_argument("--generate-long-tokens", type=int, default=256, help="decoder: new tokens, KV cache vs recompute")
+    g.add_argument("--generate-batch-tokens", type=int, default=64, help="decoder: new tokens, batch 32 vs batch 1")
+    g.add_argument("--generate-recompute-batch", type=int, default=4, help="decoder: batch of KV cache vs recompute")
+    g.add_argument("--generate-size", default="gpt2", help="GPT size from the registry (debug: a quick smoke run)")
 
     p = sub.add_parser("demo", help="the main job end to end on --np ranks")
     p.add_argument("--np", type=int, default=2)
-    p.add_argument("--story", default="finetune", choices=["finetune", "embed"],
-                   help="finetune: fine-tune + classify held-out reviews; embed: embeddings + neighbours")
+    p.add_argument("--story", default="finetune", choices=["finetune", "embed", "generate"],
+                   help="finetune: fine-tune + classify held-out reviews; embed: embeddings + neighbours; "
+                        "generate: train (or reuse) the make lm model on Shakespeare, then continue prompts")
     p.add_argument("--out", type=Path, default=Path("demo-out"))
+    p.add_argument("--lm-dir", type=Path, default=Path("runs/lm"), help="generate story: the language model's run")
+    p.add_argument("--lm-minutes", type=float, default=20.0, help="generate story: training budget if it must train")
     _add_precision_flag(p, "finetune story: compute in")
     return parser
 
@@ -371,7 +382,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from hvdinfer import demo
 
-        return demo.run(args.np, args.out, args.story, args.precision)
+        return demo.run(args.np, args.out, args.story, args.precision, args.lm_dir, args.lm_minutes)
     raise AssertionError(args.command)
 
 

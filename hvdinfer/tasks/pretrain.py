@@ -26,9 +26,11 @@ Budget: --steps N fixes the run's length (and the cosine schedule's). --max-minu
 and after each evaluation the coordinator re-plans the total from the measured step and evaluation
 times so the last step and the final evaluation end at M minutes (the ranks adopt its plan). With
 --steps too, M is only a hard stop. In either mode, a run that reaches M minutes stops (the ranks
-agree every few steps), evaluates, checkpoints and writes the model. A time-planned run depends on
-the machine's speed, so only --steps runs are reproducible; --resume is exact for both (the plan is
-in the checkpoint).
+agree every few steps), evaluates, checkpoints and writes the model. M counts the whole run: a
+resumed run has what its checkpoint had left (minutes from this process's start to its end, corpus
+and tokenizer included; interpreter and MPI start-up not). A time-planned run depends on the
+machine's speed, so only --steps runs are reproducible; --resume is exact for both (the plan in
+force is in the checkpoint).
 
 Model (measured on this 2-core AMD EPYC, fp32, 1 thread per rank; data/lm.py has the tokenizer
 figures): GPT-2's block (pre-LayerNorm, tanh GELU, tied head) at 4 layers x 4 heads x width 128,
@@ -389,14 +391,22 @@ class Training:
     budget: Budget
     history: list
     writer: object
+    started: float
+    """time.monotonic() at this process's start."""
+    minutes_before: float = 0.0
+    """Minutes the run had taken before this process (its checkpoint's)."""
     written: checkpoints.WriteCounter = dataclasses.field(default_factory=checkpoints.WriteCounter)
+
+    def minutes(self) -> float:
+        """Minutes of the whole run so far, resumed processes added up."""
+        return self.minutes_before + (time.monotonic() - self.started) / 60
 
     def checkpoint(self, step: int) -> None:
         """Coordinator only: an atomic checkpoint at `step` (with the plan in force); older ones go."""
         if not self.rt.is_coordinator:
             return
         root = self.cfg.output_dir / CHECKPOINTS
-        state = {"step": step, "total_steps": self.budget.total, **self.identity}
+        state = {"step": step, "total_steps": self.budget.total, "minutes": self.minutes(), **self.identity}
         path = checkpoints.save(self.ckpt, root, f"step-{step:08d}", state)
         checkpoints.remove(root, "step-*", keep=path)
         self.written.wrote(path)
@@ -474,7 +484,7 @@ def run(cfg: PretrainConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     optimizer.build(model.trainable_variables)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
 
-    step, history = 0, []
+    step, history, minutes_before = 0, [], 0.0
     if resume_from:
         path, state = resume_from
         checkpoints.restore(ckpt, path, optimizer, state["step"])
@@ -482,11 +492,12 @@ def run(cfg: PretrainConfig, runtime_config: runtime.RuntimeConfig) -> dict:
         schedule.total.assign(float(state["total_steps"]))
         history = [h for h in _read_history(cfg) if h["step"] <= step]
         plan_at = None if plan_at is None or step >= plan_at else plan_at
+        minutes_before = state.get("minutes", 0.0)
         LOG.info("resumed from %s (step %d of %d)", path, step, state["total_steps"])
-    deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
+    deadline = started + 60 * (cfg.max_minutes - minutes_before) if cfg.max_minutes else None
     budget = Budget(int(schedule.total.numpy()), planned=not cfg.steps, deadline=deadline)
     writer = tf.summary.create_file_writer(str(cfg.output_dir / "tensorboard")) if rt.is_coordinator else None
-    job = Training(cfg, rt, model, schedule, ckpt, identity, budget, history, writer)
+    job = Training(cfg, rt, model, schedule, ckpt, identity, budget, history, writer, started, minutes_before)
     callbacks = callbacks + [WatchdogBeat()]
     scorer = make_scorer(model)
 
@@ -503,7 +514,7 @@ def run(cfg: PretrainConfig, runtime_config: runtime.RuntimeConfig) -> dict:
         train_loss = float(result.history["loss"][-1])
         evaluating = step % cfg.eval_every == 0 or step >= budget.total or stopped
         if evaluating:
-            record_evaluation(job, scorer, heldout, step, train_loss, started, trained_steps, train_seconds)
+            record_evaluation(job, scorer, heldout, step, train_loss, trained_steps, train_seconds)
         if budget.planned and not stopped and step < budget.total and (evaluating or step == plan_at):
             job.replan(step)
         if step == plan_at:
@@ -515,12 +526,13 @@ def run(cfg: PretrainConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     if len(set(digests)) != 1:
         raise RuntimeError(f"the ranks' weights differ after training (sha256 per rank: {digests})")
     if not history or history[-1]["step"] != step:  # resumed after the last step: evaluate all the same
-        record_evaluation(job, scorer, heldout, step, None, started, trained_steps, train_seconds)
+        record_evaluation(job, scorer, heldout, step, None, trained_steps, train_seconds)
     tokens = trained_steps * cfg.batch_size * cfg.context * rt.size
     summary = {"steps": step, "total_steps": budget.total, "stopped_by_time": stopped, "ranks": rt.size,
                "parameters": parameter_count(model), "trained_steps": trained_steps, "train_seconds": train_seconds,
                "tokens_per_s": tokens / train_seconds if train_seconds else 0.0,
-               "minutes": (time.monotonic() - started) / 60, "precision": precision,
+               "minutes": job.minutes(), "process_minutes": (time.monotonic() - started) / 60,
+               "precision": precision,
                "precision_reason": precision_reason, "weights_sha256_per_rank": digests,
                "heldout_nats_per_char": history[-1]["heldout_nats_per_char"],
                "heldout_bits_per_char": history[-1]["heldout_bits_per_char"]}
@@ -532,12 +544,12 @@ def run(cfg: PretrainConfig, runtime_config: runtime.RuntimeConfig) -> dict:
 
 
 def record_evaluation(job: Training, scorer, heldout: lm.HeldoutSet, step: int, train_loss: float | None,
-                      started: float, trained_steps: int, train_seconds: float) -> None:
+                      trained_steps: int, train_seconds: float) -> None:
     began = time.monotonic()
     metrics = evaluate(scorer, heldout, job.rt, job.cfg.eval_batch_size)
     job.budget.eval_seconds = time.monotonic() - began
     cfg = job.cfg
-    record = {"step": step, "minutes": (time.monotonic() - started) / 60,
+    record = {"step": step, "minutes": job.minutes(),
               "tokens_seen": step * cfg.batch_size * cfg.context * job.rt.size,
               "train_loss": train_loss,
               "tokens_per_s": trained_steps * cfg.batch_size * cfg.context * job.rt.size / train_seconds
