@@ -72,7 +72,8 @@ def load(model: str, precision: str) -> Served:
     except (OSError, ValueError, KeyError) as exc:
         raise JobError(f"--model {model}: cannot load model: {exc}") from None
     embedder = net.embedder if kind == "classify" else net
-    return Served(name, model_dir, kind, net, tokenizer, info.max_seq_length, getattr(net, "labels", None), embedder)
+    labels = [str(label) for label in net.labels] if kind == "classify" else None  # a plain list, not Keras' wrapper
+    return Served(name, model_dir, kind, net, tokenizer, info.max_seq_length, labels, embedder)
 
 
 class TextForward:
