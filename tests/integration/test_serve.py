@@ -80,15 +80,15 @@ class Server:
 
 def raw(server, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
         timeout: float = 60):
-    """(status, headers, parsed JSON or text) of one plain HTTP request."""
+    """(status, headers (case-insensitive), parsed JSON or text) of one plain HTTP request."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     request = urllib.request.Request(server.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, head, text = response.status, dict(response.headers), response.read().decode()
+            status, head, text = response.status, response.headers, response.read().decode()
     except urllib.error.HTTPError as exc:
-        status, head, text = exc.code, dict(exc.headers), exc.read().decode()
+        status, head, text = exc.code, exc.headers, exc.read().decode()
     try:
         return status, head, json.loads(text)
     except json.JSONDecodeError:
