@@ -70,6 +70,8 @@ class RuntimeConfig:
     """Seed for Python, NumPy and TF; the same on every rank."""
     tuned: bool = True
     """False reproduces Horovod's and TF's defaults (the naive baseline in benchmarks)."""
+    pipeline_stages: int = 1
+    """Devices per rank (--pp): GPUs local_rank*K .. local_rank*K+K-1, or K logical CPU devices."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,8 @@ class Runtime:
     inter_op_threads: int
     device: str
     controller: str
+    devices: tuple[str, ...] = ()
+    """This rank's pipeline-stage devices (RuntimeConfig.pipeline_stages of them; `device` is the first)."""
 
     @property
     def is_coordinator(self) -> bool:
@@ -130,7 +134,8 @@ def thread_plan(config: RuntimeConfig, local_size: int, cores: int) -> tuple[int
         return 0, 0  # TF's own default: every core, per process
     share = max(1, cores // max(1, local_size))
     intra = config.intra_op_threads or share
-    inter = config.inter_op_threads or (1 if local_size > 1 else 2)
+    # Pipeline stages overlap only when the executor can run one op per stage at a time.
+    inter = config.inter_op_threads or max(config.pipeline_stages, 1 if local_size > 1 else 2)
     return intra, inter
 
 
@@ -141,6 +146,8 @@ def _set_horovod_env(config: RuntimeConfig) -> None:
         os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(config.stall_shutdown_seconds))
     if config.cycle_time_ms:
         os.environ.setdefault("HOROVOD_CYCLE_TIME", f"{config.cycle_time_ms:g}")
+    # Horovod: tensor-parallel groups are process sets added after init (hvdinfer/parallel/tensor_parallel.py).
+    os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
     if config.tuned:
         # Open MPI: yield the core while waiting in a blocking call instead of spinning on it.
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
@@ -172,7 +179,8 @@ def init_runtime(config: RuntimeConfig | None = None) -> Runtime:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
 
-    device = _pin_device(tf, hvd.local_rank())
+    device = _pin_device(tf, hvd.local_rank(), config.pipeline_stages)
+    devices = stage_devices(config.pipeline_stages)
     seed_everything(config.seed)
     _RUNTIME = Runtime(
         rank=hvd.rank(),
@@ -184,6 +192,7 @@ def init_runtime(config: RuntimeConfig | None = None) -> Runtime:
         inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
         device=device,
         controller="mpi" if hvd.mpi_enabled() else "gloo",
+        devices=tuple(devices),
     )
     setup_logging(_RUNTIME.rank)
     return _RUNTIME
@@ -201,15 +210,48 @@ def _init_mpi_first() -> None:
         from mpi4py import MPI  # noqa: F401 - the import initialises MPI
 
 
-def _pin_device(tf, local_rank: int) -> str:
-    """Horovod: one GPU per local rank when GPUs exist; CPU otherwise."""
+def _pin_device(tf, local_rank: int, stages: int = 1) -> str:
+    """Horovod: one GPU per local rank when GPUs exist (with `stages` pipeline stages, GPUs
+    local_rank*stages .. local_rank*stages+stages-1); CPU otherwise."""
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
         return "/CPU:0"
-    gpu = gpus[local_rank % len(gpus)]
-    tf.config.set_visible_devices(gpu, "GPU")
-    tf.config.experimental.set_memory_growth(gpu, True)
-    return "/GPU:0"  # the only visible GPU of this process
+    if stages == 1:
+        mine = [gpus[local_rank % len(gpus)]]
+    else:
+        first = local_rank * stages
+        if first + stages > len(gpus):
+            raise JobError(f"--pp {stages}: local rank {local_rank} needs GPUs {first}..{first + stages - 1}, "
+                           f"but this host has {len(gpus)}; run fewer ranks per host or fewer stages")
+        mine = gpus[first:first + stages]
+    tf.config.set_visible_devices(mine, "GPU")
+    for gpu in mine:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    return "/GPU:0"  # the first visible GPU of this process
+
+
+def stage_devices(stages: int) -> list[str]:
+    """The devices of this rank's `stages` pipeline stages: its visible GPUs (pinned by init_runtime),
+    else logical CPU devices, made here when TF has not yet initialised its devices, so a CPU host
+    runs the same placement code as a GPU host. Idempotent."""
+    import tensorflow as tf
+
+    gpus = tf.config.get_visible_devices("GPU")
+    if gpus:
+        if len(gpus) < stages:
+            raise JobError(f"--pp {stages} needs {stages} GPUs per rank, this rank sees {len(gpus)} "
+                           f"(start the runtime with pipeline_stages={stages})")
+        return [f"/GPU:{s}" for s in range(stages)]
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    have = tf.config.get_logical_device_configuration(cpu) or [None]
+    if len(have) < stages:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(stages)])
+        except RuntimeError:
+            raise JobError(f"--pp {stages} needs {stages} logical CPU devices, but TensorFlow already initialised "
+                           f"{len(have)}: start the runtime with pipeline_stages={stages}") from None
+    return [f"/CPU:{s}" for s in range(stages)]
 
 
 def seed_everything(seed: int) -> None:
