@@ -165,6 +165,16 @@ class BertEncoder(keras.Model):
         self.embeddings = Embeddings(config, name="embeddings")
         self.blocks = [TransformerBlock(config, name=f"block_{i}") for i in range(config.num_layers)]
 
+    def named_layers(self) -> list[tuple[str, keras.layers.Layer]]:
+        """The layers that hold weights, by name, in the order a token meets them (plans name these)."""
+        return [("embeddings", self.embeddings), *((block.name, block) for block in self.blocks)]
+
+    def run_blocks(self, x, bias, start: int = 0, stop: int | None = None):
+        """Blocks start .. stop-1 only: a pipeline stage's share."""
+        for block in self.blocks[start:stop]:
+            x = block(x, bias)
+        return x
+
     def call(self, inputs):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         x = self.embeddings(input_ids, inputs.get("token_type_ids"))
@@ -183,6 +193,9 @@ class SentenceEmbedder(keras.Model):
         self.encoder = BertEncoder(config, name="encoder")
         # Pooling and normalisation always in float32, whatever the compute precision of the encoder.
         self.pool = MeanPool(normalize, name="pool", dtype="float32")
+
+    def named_layers(self) -> list[tuple[str, keras.layers.Layer]]:
+        return [*self.encoder.named_layers(), ("pool", self.pool)]
 
     def call(self, inputs):
         return self.pool(self.encoder(inputs), inputs["attention_mask"])

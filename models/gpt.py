@@ -247,6 +247,17 @@ class GPT(keras.Model):
             x = block(x, bias, memory=memory, layer=i)
         return self.ln_f(x)
 
+    def named_layers(self) -> list[tuple[str, keras.layers.Layer]]:
+        """The layers that hold weights, by name, in the order a token meets them (plans name these)."""
+        return [("wte", self.wte), ("wpe", self.wpe), *((block.name, block) for block in self.blocks),
+                ("ln_f", self.ln_f)]
+
+    def run_blocks(self, x, bias, start: int = 0, stop: int | None = None, memory: Memory | None = None):
+        """Blocks start .. stop-1 only (a pipeline stage's share); `memory` gets each block's model-wide index."""
+        for i in range(start, len(self.blocks) if stop is None else stop):
+            x = self.blocks[i](x, bias, memory=memory, layer=i)
+        return x
+
     def call(self, inputs):
         """{"input_ids", "attention_mask"} (batch, length) -> logits (batch, length, vocab)."""
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]

@@ -62,6 +62,9 @@ class TextClassifier(keras.Model):
         self.dropout = StatelessDropout(dropout, seed, name="dropout", dtype="float32")
         self.classifier = keras.layers.Dense(len(labels), name="classifier", dtype="float32")
 
+    def named_layers(self) -> list[tuple[str, keras.layers.Layer]]:
+        return [*self.embedder.named_layers(), ("dropout", self.dropout), ("classifier", self.classifier)]
+
     def call(self, inputs, training=False):
         return self.classifier(self.dropout(self.embedder(inputs), training=training))
 
@@ -82,16 +85,28 @@ def has_head(model_dir: str | os.PathLike) -> bool:
     return (Path(model_dir) / HEAD_CONFIG).is_file()
 
 
-def load_head(embedder: bert.SentenceEmbedder, model_dir: str | os.PathLike) -> TextClassifier:
-    """A TextClassifier over `embedder` with the head stored in `model_dir`."""
+def read_head(model_dir: str | os.PathLike) -> tuple[list[str], float]:
+    """(labels, dropout) of the head stored in `model_dir`."""
     model_dir = Path(model_dir)
     try:
         spec = json.loads((model_dir / HEAD_CONFIG).read_text())
-        labels = [str(label) for label in spec["labels"]]
+        return [str(label) for label in spec["labels"]], float(spec.get("dropout", 0.1))
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{model_dir / HEAD_CONFIG}: unreadable classifier head ({exc})") from None
-    model = TextClassifier(embedder, labels, float(spec.get("dropout", 0.1)))
+
+
+def load_head(embedder: bert.SentenceEmbedder, model_dir: str | os.PathLike) -> TextClassifier:
+    """A TextClassifier over `embedder` with the head stored in `model_dir`."""
+    labels, dropout = read_head(model_dir)
+    model = TextClassifier(embedder, labels, dropout)
     bert.build(model)
+    assign_head(model, model_dir)
+    return model
+
+
+def assign_head(model: TextClassifier, model_dir: str | os.PathLike) -> None:
+    """Set the (built) classifier's head from `model_dir`."""
+    model_dir, labels, embedder = Path(model_dir), model.labels, model.embedder
     tensors = safetensors.numpy.load_file(str(model_dir / HEAD_WEIGHTS))
     weight, bias = tensors.get("classifier.weight"), tensors.get("classifier.bias")
     want = (len(labels), embedder.config.hidden_size)
@@ -100,4 +115,3 @@ def load_head(embedder: bert.SentenceEmbedder, model_dir: str | os.PathLike) -> 
                          f"({len(labels)},)")
     model.classifier.kernel.assign(weight.T)
     model.classifier.bias.assign(bias)
-    return model

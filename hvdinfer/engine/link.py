@@ -31,17 +31,19 @@ class LinkError(RuntimeError):
 class Link:
     """One rank's end of the engine channel. Thread-safe: MPI runs at MPI_THREAD_MULTIPLE."""
 
-    def __init__(self, expected_size: int):
+    def __init__(self, expected_size: int, comm=None):
+        """Over a duplicate of COMM_WORLD, or over `comm` (a communicator of some of the ranks, which
+        the link then owns: e.g. the leaders of tensor-parallel groups, hvdinfer/parallel)."""
         from mpi4py import MPI
 
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             raise LinkError("MPI is initialised without MPI_THREAD_MULTIPLE; the engine's threads need it")
-        world = MPI.COMM_WORLD
+        world = MPI.COMM_WORLD if comm is None else comm
         if world.Get_size() != expected_size:
             raise LinkError(f"MPI sees {world.Get_size()} process(es) but Horovod sees {expected_size}: the job engine "
                             "needs the MPI controller; launch with mpirun, or horovodrun without --gloo")
         self._any = MPI.ANY_SOURCE
-        self.comm = world.Dup()
+        self.comm = world.Dup() if comm is None else comm
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
 
