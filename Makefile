@@ -32,7 +32,7 @@ PIP_FILTER := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory
 HOROVOD_BUILD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
 	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2
 
-.PHONY: install mpi test unit parallel integration demo lm bench peer-env peer-env-best-effort clean doctor
+.PHONY: install mpi test unit parallel integration demo lm bench loadtest peer-env peer-env-best-effort clean doctor
 
 install: mpi $(VENV)/.stamp-hvdinfer
 
@@ -97,6 +97,15 @@ lm: install
 
 bench: install peer-env-best-effort
 	$(HVD) bench --np $(NP) --out bench-out
+
+# The serving load test on loopback (hvdinfer/bench/serve.py): CLIENTS x REQUESTS embeddings and
+# CLIENTS x COMPLETION_REQUESTS completions on 1 and NP ranks, zero errors; bench-out/serve.{json,png}.
+CLIENTS ?= 64
+REQUESTS ?= 500
+COMPLETION_REQUESTS ?= 20
+loadtest: install
+	$(HVD) bench serve --np $(NP) --out bench-out --clients $(CLIENTS) --requests $(REQUESTS) \
+		--completion-requests $(COMPLETION_REQUESTS)
 
 # Where the peer env cannot be built, bench peer says why in one line and skips. A recipe of its own:
 # make -n runs a recipe that names $(MAKE), and under .ONESHELL that would be the whole bench recipe.

@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(p)
 
     p = sub.add_parser("bench", help="side-by-side throughput ratios (JSON + PNG)")
-    p.add_argument("which", nargs="?", default="all", choices=["all", "runtime", "infer", "finetune", "engine", "peer"])
+    p.add_argument("which", nargs="?", default="all",
+                   choices=["all", "runtime", "infer", "finetune", "engine", "peer", "serve"])
     p.add_argument("--np", type=int, default=2, help="ranks for the Horovod variants")
     p.add_argument("--records", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -252,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=2, help="engine, peer: runs of each timed pair (fastest kept)")
     g.add_argument("--peer-long-records", type=int, default=1024, help="peer: 128-token texts")
     g.add_argument("--peer-short-records", type=int, default=10_000, help="peer: short texts (5-25 words)")
+    g = p.add_argument_group("serve bench (make loadtest; not part of all)")
+    g.add_argument("--clients", type=int, default=64, help="serve: concurrent clients")
+    g.add_argument("--requests", type=int, default=500, help="serve: embedding requests per client")
+    g.add_argument("--batch1-requests", type=int, default=20, help="serve: requests per client against --max-batch 1")
+    g.add_argument("--completion-requests", type=int, default=20, help="serve: completion requests per client")
+    g.add_argument("--embed-model", default="minilm-l6", help="serve: the embedding model")
     g = p.add_argument_group("generate bench (a GPT-2-size model with random weights; --repeats applies)")
     g.add_argument("--generate-prompts", type=int, default=256,
                    help="prompts of the hvdinfer generate and HF jobs (a multiple of 128, >= 256)")
@@ -345,6 +352,11 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         if args.np < 1 or args.repeats < 1:
             raise runtime.JobError("--np and --repeats must be >= 1")
+        if args.which == "serve":
+            from hvdinfer.bench import serve as bench_serve
+
+            bench_serve.bench_serve(args.np, args.out, args.clients, args.requests, args.batch1_requests,
+                                    args.completion_requests, args.embed_model)
         if args.which in ("all", "runtime"):
             from hvdinfer.bench import runtime as bench_runtime
 
