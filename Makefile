@@ -32,7 +32,7 @@ PIP_FILTER := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory
 HOROVOD_BUILD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
 	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2
 
-.PHONY: install mpi test unit parallel integration demo lm bench loadtest peer-env peer-env-best-effort clean doctor
+.PHONY: install mpi test unit parallel integration demo lm bench loadtest peer-env peer-env-best-effort clean doctor test-multihost iproute2
 
 install: mpi $(VENV)/.stamp-hvdinfer
 
@@ -83,8 +83,20 @@ parallel: install
 integration: install
 	$(PYTEST) tests/integration
 
+# Hosts as network namespaces on this machine (hvdinfer cluster); skipped, with the reason, where
+# namespaces cannot be made (not root, no iproute2).
+test-multihost: install iproute2
+	$(PYTEST) tests/multihost
+
+iproute2:
+	@if ! command -v ip >/dev/null || ! command -v tc >/dev/null; then \
+		echo "installing Debian iproute2"; export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends iproute2 >/dev/null || \
+		echo "iproute2 could not be installed: the multi-host tests will skip"; \
+	fi
+
 test: install
-	$(MAKE) --no-print-directory unit parallel integration
+	$(MAKE) --no-print-directory unit parallel integration test-multihost
 
 demo: install
 	$(HVD) demo --np $(NP)

@@ -174,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_flag(p)
     _add_runtime_flags(p)
 
+    p = sub.add_parser("cluster", help="namespace hosts on this machine: up, down, or run a command across them")
+    p.add_argument("action", choices=["up", "down", "run"])
+    p.add_argument("--hosts", type=int, default=2, help="namespace hosts (default 2)")
+    p.add_argument("--slots", type=int, default=1, help="ranks per host (default 1)")
+    p.add_argument("--name", default=None, help="cluster name (default: hvd<pid>); `run` uses a cluster of "
+                                                "this name made by `up` and leaves it up")
+    p.add_argument("--all", action="store_true", help="down: every cluster this tool made")
+    p.add_argument("--delay", default=None, help="tc netem one-way delay per link, e.g. 1ms")
+    p.add_argument("--rate", default=None, help="tc netem rate per link, e.g. 1gbit")
+    p.add_argument("--loss", default=None, help="tc netem loss per link, e.g. 0.1%%")
+    p.add_argument("--launcher", default="mpirun", choices=["mpirun", "horovodrun"])
+    p.add_argument("--np", type=int, default=0, help="ranks (default: hosts x slots)")
+    p.epilog = "run: the hvdinfer command to run across the hosts follows --, e.g. -- doctor --selftest"
+
     p = sub.add_parser("finetune", help="data-parallel fine-tuning (hvd.DistributedOptimizer), exact resume")
     p.add_argument("--model", required=True, help="base model id (minilm-l6) or model directory")
     p.add_argument("--task", default="classify", choices=["classify"])
@@ -283,7 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # TF: its C++ start-up banner (oneDNN, CPU features) on every rank says nothing a user needs.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = []
+    if argv[:1] == ["cluster"] and "--" in argv:  # cluster run ... -- COMMAND: COMMAND is not ours to parse
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1:]
     args = build_parser().parse_args(argv)
+    if args.command == "cluster":
+        args.argv = command
     return runtime.run_fail_fast(lambda: dispatch(args))
 
 
@@ -391,6 +412,10 @@ def dispatch(args: argparse.Namespace) -> int:
                                 shutdown_timeout=args.shutdown_timeout)
         serve.run(cfg, _runtime_config(args))
         return 0
+    if args.command == "cluster":
+        from hvdinfer import cluster
+
+        return cluster.main(args)
     if args.command == "demo":
         from hvdinfer import demo
 

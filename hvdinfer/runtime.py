@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import socket
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -375,6 +376,49 @@ def failure_line(exc: BaseException, rank: int, size: int) -> str:
     return f"hvdinfer: rank {rank} of {size} failed: {type(exc).__name__}: {message}"
 
 
+LAUNCHERS = ("mpirun", "orterun", "mpiexec", "prterun")
+LAUNCHER_GRACE_S = 5.0
+# Runs detached after this rank is gone: when the launcher is still there after the grace period
+# (its teardown is waiting on a host it cannot reach), interrupt it twice (Open MPI's "forcibly
+# terminate"), then kill it. It checks the pid still names a launcher before every signal.
+_LAUNCHER_GUARD = """
+sleep "$2"
+for sig in INT INT KILL; do
+  name=$(cat /proc/$1/comm 2>/dev/null) || exit 0
+  case "$name" in mpirun|orterun|mpiexec|prterun) kill -$sig "$1" 2>/dev/null || exit 0 ;; *) exit 0 ;; esac
+  sleep 2
+done
+"""
+
+
+def end_process(code: int) -> NoReturn:
+    """End this rank now, and make sure the launcher ends too.
+
+    mpirun tears the whole job down when one rank exits non-zero, but its teardown waits on every
+    host's daemon: with a host unreachable (a network partition) it waited 446 s. So a rank started
+    by mpirun itself leaves a detached guard that ends a launcher still there after
+    LAUNCHER_GRACE_S (env HVDINFER_LAUNCHER_GRACE_S); on a healthy job the launcher is gone by then
+    and the guard does nothing.
+    """
+    parent = os.getppid()
+    if code != 0 and _process_name(parent) in LAUNCHERS:
+        grace = os.environ.get("HVDINFER_LAUNCHER_GRACE_S", str(LAUNCHER_GRACE_S))
+        try:
+            subprocess.Popen(["/bin/sh", "-c", _LAUNCHER_GUARD, "guard", str(parent), grace],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, close_fds=True)
+        except OSError:
+            pass
+    os._exit(code)
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def abort_job(exc: BaseException, code: int = 1) -> NoReturn:
     """Report `exc` once and end this rank at once, which makes the launcher end every rank.
 
@@ -387,7 +431,7 @@ def abort_job(exc: BaseException, code: int = 1) -> NoReturn:
             traceback.print_exception(exc, file=sys.stderr)
         print(failure_line(exc, rank, size), file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(code)
+    end_process(code)
 
 
 def run_fail_fast(main: Callable[[], int | None]) -> int:

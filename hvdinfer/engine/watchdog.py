@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
+from hvdinfer import runtime
 from hvdinfer.engine import link as link_mod
 
 EXIT_STALLED = 3
@@ -82,7 +83,7 @@ class Watchdog:
     """One per rank; `beat` from the main thread, everything else runs on its own thread."""
 
     def __init__(self, link: link_mod.Link | None, rank: int, size: int, timeout: float = DEFAULT_TIMEOUT_S,
-                 interval: float | None = None, exit_fn: Callable[[int], None] = os._exit):
+                 interval: float | None = None, exit_fn: Callable[[int], None] | None = None):
         if timeout <= 0:
             raise ValueError(f"stall timeout must be > 0 seconds, got {timeout}")
         self.link, self.rank, self.size, self.timeout = link, rank, size, float(timeout)
@@ -91,7 +92,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_words: list[Callable[[], None]] = []
-        self._exit = exit_fn
+        self._exit = exit_fn or runtime.end_process
         self._pending = None
         now = time.monotonic()
         others = range(size) if rank == 0 else [0]
