@@ -158,3 +158,17 @@ def test_a_partition_ends_the_job_in_time_naming_the_rank_and_resume_finishes(tm
     finally:
         cluster_mod.down(pair.name)
 
+
+
+def test_data_parallel_over_hosts_with_tensor_parallel_inside_each(hosts, tmp_path, model_dir, texts, reference):
+    """np 4 = dp 2 x tp 2: consecutive ranks form a tp group, so each group is one host's two slots
+    and the tp allreduces stay inside a host while chunks go to both hosts."""
+    out = tmp_path / "tp.jsonl"
+    proc = run(hosts, tmp_path, ["infer", "--model", model_dir, "--input", texts, "--output", out,
+                                 "--chunk-size", 64, "--tp", 2])
+    assert proc.returncode == 0, proc.all
+    assert "applied tensor parallelism: 2 ranks per group" in proc.all, proc.all
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    want = [json.loads(line) for line in reference.decode().splitlines()]
+    assert [g["id"] for g in got] == [w["id"] for w in want]
+    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g["embedding"], w["embedding"])) < 1e-5
