@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(p)
 
     p = sub.add_parser("bench", help="side-by-side throughput ratios (JSON + PNG)")
-    p.add_argument("which", nargs="?", default="all",
-                   choices=["all", "runtime", "infer", "finetune", "engine", "peer", "serve"])
+    p.add_argument("which", nargs="?", default="all", choices=["all", "runtime", "infer", "finetune", "engine", "peer",
+                                                                "generate", "serve"])
     p.add_argument("--np", type=int, default=2, help="ranks for the Horovod variants")
     p.add_argument("--records", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -401,6 +401,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
             bench_peer.bench_peer(args.np, args.out, args.peer_long_records, args.peer_short_records, args.repeats,
                                   args.precision)
+        if args.which in ("all", "generate"):
+            from hvdinfer.bench import generate as bench_generate
+
+            bench_generate.bench_generate(
+                args.np, args.out, prompts=args.generate_prompts, job_tokens=args.generate_tokens,
+                long_tokens=args.generate_long_tokens, batch_tokens=args.generate_batch_tokens,
+                recompute_batch=args.generate_recompute_batch, repeats=args.repeats, precision=args.precision,
+                size=args.generate_size)
         return 0
     if args.command == "serve":
         from hvdinfer.tasks import serve

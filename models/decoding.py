@@ -158,6 +158,17 @@ class _Row:
         return Generation(tokens=list(self.tokens), text=text, finish_reason=self.finish_reason)
 
 
+def choose_tokens(rows: Sequence[_Row], logits: np.ndarray, params: SamplingParams, fed: np.ndarray) -> None:
+    """The host's share of one step: every unfinished row's next token from its logits (batch, vocab),
+    written into `fed` and added to the row. Greedy takes every row's argmax in one vectorised call;
+    sampling draws from each row's own stream, one uniform per token (`next_token`)."""
+    greedy = logits.argmax(axis=1) if params.temperature == 0 else None
+    for r, row in enumerate(rows):
+        if row.finish_reason is None:
+            fed[r] = greedy[r] if greedy is not None else next_token(logits[r], params, row.rng)
+            row.add(int(fed[r]))
+
+
 def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask) int32 (n, longest), each prompt right-aligned after 0-padding."""
     width = max(len(p) for p in prompts)
@@ -258,11 +269,7 @@ def generate_batch(model: GPT, tokenizer: BPETokenizer, prompts_token_ids: Seque
     fed = input_ids[:, -1].copy()
     logits = steps.first()
     for step in itertools.count(1):
-        scores = logits.numpy()[:, :usable]
-        for r, row in enumerate(rows):
-            if row.finish_reason is None:
-                fed[r] = next_token(scores[r], params, row.rng)
-                row.add(int(fed[r]))
+        choose_tokens(rows, logits.numpy()[:, :usable], params, fed)
         if on_step is not None:
             on_step(step)
         if all(row.finish_reason is not None for row in rows):

@@ -1,6 +1,7 @@
 """What the benches launch, alone or under mpirun, each in its own process tree:
 
     python -m hvdinfer.bench worker --mode M ...      one variant; prints its result as one JSON line
+    python -m hvdinfer.bench worker --mode generate --spec JSON     bench generate's one-process side
     python -m hvdinfer.bench probe --out DIR -- ARGS  `hvdinfer ARGS` with phase timers (bench/probe.py)
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hvdinfer.bench")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker")
-    w.add_argument("--mode", choices=["keras", "naive", "hvdinfer", "train", "keras-fit"], required=True)
+    w.add_argument("--mode", choices=["keras", "naive", "hvdinfer", "train", "keras-fit", "generate"], required=True)
     w.add_argument("--threads", type=int, default=0, help="train: TF intra-op threads per rank")
     w.add_argument("--split-threads", action="store_true")
     w.add_argument("--intra", type=int, default=0, help="with --split-threads: override intra-op threads")
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--batch", type=int, default=32)
     w.add_argument("--seq", type=int, default=128)
     w.add_argument("--model-size", default="minilm-l6")
+    w.add_argument("--spec", default="{}", help="generate: the task and its settings, as JSON")
     p = sub.add_parser("probe")
     p.add_argument("--out", type=Path, required=True, help="each rank writes OUT/rank-R.json")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the hvdinfer command line")
@@ -31,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from hvdinfer.bench import probe
 
         return probe.run(args.out, args.args[1:] if args.args[:1] == ["--"] else args.args)
+    if args.mode == "generate":
+        from hvdinfer.bench import generate
+
+        return generate.worker(args)
     if args.mode in ("train", "keras-fit"):
         from hvdinfer.bench import finetune
 

@@ -1,12 +1,13 @@
-"""A probed `hvdinfer infer`: the real job, with timers wrapped around its phases from outside the
-task code, and each rank's peak RSS. The engine and peer benches launch it in place of the
-`hvdinfer` script (one process per rank, under mpirun, as always):
+"""A probed `hvdinfer infer` or `hvdinfer generate`: the real job, with timers wrapped around its phases
+from outside the task code, and each rank's peak RSS. The engine, peer and generate benches launch
+it in place of the `hvdinfer` script (one process per rank, under mpirun, as always):
 
     mpirun -np 2 ... python -m hvdinfer.bench probe --out DIR -- infer --model ... --output out.npy
 
 Each rank writes DIR/rank-R.json: when its process started, how long the interpreter and
-TensorFlow took to import, then for every probed function the number of calls, their total
-seconds and the first start and last end (wall clock, so phases line up with the launcher's own
+TensorFlow took to import, then for every probed function (PROBES for infer, GENERATE_PROBES for
+generate) the number of calls, their total seconds, the first call's seconds (where a graph is
+traced) and the first start and last end (wall clock, so phases line up with the launcher's own
 clock), and `peak_rss_mb` (getrusage: the process's high-water mark, which polling would miss).
 Functions that run on helper threads (prepare, journal writes) overlap the main thread's compute;
 their totals say how busy that thread was, not how much wall time they took.
@@ -47,6 +48,32 @@ PROBES = (
     ("hvdinfer.tasks.infer", "write_output", "output writing"),
     ("hvdinfer.engine.runner", "finish", "finish (summary to every rank)"),
 )
+# The same for `hvdinfer generate`, down to the decoder's phases (models/decoding.py).
+GENERATE_PROBES = (
+    ("hvdinfer.engine.job", "start", "runtime start (MPI, Horovod, threads, watchdog)"),
+    ("hvdinfer.runtime", "resolve_precision", "precision agreement"),
+    ("hvdinfer.tasks.generate", "load_model", "model load"),
+    ("hvdinfer.tasks.text_job", "plan_job", "plan (coordinator: index + check + send; workers: wait)"),
+    ("hvdinfer.tasks.text_job", "index_input", "indexing"),
+    ("hvdinfer.tasks.text_job", "check_records", "record check (--on-error fail)"),
+    ("hvdinfer.engine.journal", "DiskJournal.__init__", "journal open"),
+    ("hvdinfer.engine.runner", "run_chunks", "chunks (all ranks)"),
+    ("hvdinfer.tasks.generate", "PromptChunks.prepare", "parse + tokenise + batch (helper thread)"),
+    ("hvdinfer.tasks.generate", "PromptChunks.compute", "generate the chunk's batches"),
+    ("models.decoding", "generate_batch", "one batch"),
+    ("models.decoding", "_CachedSteps.first", "prefill"),
+    ("models.decoding", "_CachedSteps.next", "decode step"),
+    ("models.decoding", "_RecomputeSteps.first", "first full forward (no cache)"),
+    ("models.decoding", "_RecomputeSteps.next", "full forward per token (no cache)"),
+    ("models.decoding", "choose_tokens", "host sampling + stop rules"),
+    ("hvdinfer.engine.journal", "DiskJournal.put", "journal writes (writer thread)"),
+    ("hvdinfer.engine.journal", "DiskJournal.read", "journal reads"),
+    ("hvdinfer.engine.journal", "DiskJournal.close", "journal removal"),
+    ("hvdinfer.engine.journal", "MemoryJournal.put", "in-memory results (writer thread)"),
+    ("hvdinfer.tasks.generate", "write_output", "output writing"),
+    ("hvdinfer.engine.runner", "finish", "finish (summary to every rank)"),
+)
+PROBES_BY_COMMAND = {"infer": PROBES, "generate": GENERATE_PROBES}
 
 
 def process_start_epoch() -> float:
@@ -71,14 +98,15 @@ class Timers:
             finally:
                 end = time.time()
                 with self.lock:
-                    entry = self.calls.setdefault(name, {"calls": 0, "seconds": 0.0, "first_start": start})
+                    entry = self.calls.setdefault(name, {"calls": 0, "seconds": 0.0, "first_start": start,
+                                                         "first_call_seconds": end - start})
                     entry["calls"] += 1
                     entry["seconds"] += end - start
                     entry["last_end"] = end
         return timed
 
-    def install(self) -> None:
-        for module_name, attr, _ in PROBES:
+    def install(self, probes=PROBES) -> None:
+        for module_name, attr, _ in probes:
             owner = importlib.import_module(module_name)
             *path, name = attr.split(".")
             for part in path:
@@ -89,7 +117,7 @@ class Timers:
 
 
 def run(out: Path, argv: list[str]) -> int:
-    """`hvdinfer ARGV` on this rank with every probe installed; the rank's timings to OUT/rank-R.json."""
+    """`hvdinfer ARGV` on this rank with the command's probes installed; the rank's timings to OUT/rank-R.json."""
     started = time.time()
     import tensorflow  # noqa: F401 - the import the job would otherwise pay inside the runtime start
 
@@ -97,7 +125,7 @@ def run(out: Path, argv: list[str]) -> int:
     from hvdinfer import cli
 
     timers = Timers()
-    timers.install()
+    timers.install(PROBES_BY_COMMAND.get(argv[0] if argv else "", PROBES))
     imported = time.time()
     rc = cli.main(argv)
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "0")))
@@ -125,7 +153,7 @@ def command(np_: int, out: Path, argv: list[str]) -> list[str]:
 
 
 def launch(np_: int, argv: list[str], out: Path, timeout: float = 900, **env: str) -> dict:
-    """A probed `hvdinfer infer ARGV --quiet --metrics-json OUT/metrics.json` on np_ ranks, to the end:
+    """A probed `hvdinfer ARGV --quiet --metrics-json OUT/metrics.json` (infer or generate) on np_ ranks, to the end:
     the launcher's wall seconds (mpirun start to exit), the job's summary and every rank's record."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

@@ -97,3 +97,94 @@ def test_generate_ignore_eos_flag_reaches_the_sampling_parameters(tmp_path):
 
     cfg = generate.GenerateConfig(model=args.model, input=args.input, output=args.output, ignore_eos=args.ignore_eos)
     assert args.ignore_eos and cfg.sampling().ignore_eos
+
+
+def test_every_generate_probe_exists_and_the_command_picks_its_probes():
+    for module_name, attr, _ in probe.GENERATE_PROBES:
+        owner = importlib.import_module(module_name)
+        assert callable(functools.reduce(getattr, attr.split("."), owner)), f"{module_name}.{attr}"
+    assert probe.PROBES_BY_COMMAND["generate"] is probe.GENERATE_PROBES
+    assert probe.PROBES_BY_COMMAND["infer"] is probe.PROBES
+
+
+def fake_generate_run(wall=30.0):
+    calls = {name: {"calls": n, "seconds": s, "first_call_seconds": first} for name, n, s, first in [
+        ("start", 1, 1.0, 1.0), ("resolve_precision", 1, 0.1, 0.1), ("load_model", 1, 2.0, 2.0),
+        ("plan_job", 1, 0.5, 0.5), ("index_input", 1, 0.2, 0.2), ("check_records", 1, 0.1, 0.1),
+        ("DiskJournal.__init__", 1, 0.1, 0.1), ("run_chunks", 1, 20.0, 20.0), ("PromptChunks.compute", 2, 19.0, 9.0),
+        ("generate_batch", 8, 18.5, 3.0), ("_CachedSteps.first", 8, 2.0, 0.5), ("_CachedSteps.next", 11, 15.0, 2.5),
+        ("choose_tokens", 12, 0.5, 0.1), ("PromptChunks.prepare", 2, 0.3, 0.2), ("DiskJournal.put", 2, 0.1, 0.1),
+        ("write_output", 1, 0.4, 0.4), ("DiskJournal.close", 1, 0.1, 0.1), ("finish", 1, 0.0, 0.0)]}
+    rank0 = {"process_start": 100.2, "probe_start": 100.3, "tensorflow_imported": 103.3, "hvdinfer_imported": 103.4,
+             "main_returned": 128.5, "peak_rss_mb": 900.0, "calls": calls}
+    return {"launched": 100.0, "ended": 100.0 + wall, "wall_seconds": wall, "ranks": {0: rank0}}
+
+
+def test_generate_breakdown_adds_up_and_separates_the_decoder_phases():
+    from hvdinfer.bench import generate
+
+    got = generate.job_breakdown(fake_generate_run())
+    phases = got["phases"]
+    assert sum(phases.values()) == pytest.approx(30.0)
+    assert phases["chunks: prefill"] == 2.0 and phases["chunks: decode steps"] == 15.0
+    assert phases["chunks: rest of each batch (padding, rows, results)"] == pytest.approx(18.5 - 2.0 - 15.0 - 0.5)
+    assert phases["chunks: rank 0 other (waiting for workers, hand-offs)"] == pytest.approx(1.0)
+    # The first step traces the graph: what it took beyond an average step.
+    assert got["overlapped"]["decode graph trace (inside the first decode step)"] == pytest.approx(2.5 - 12.5 / 10)
+    groups = generate.grouped(phases)
+    assert sum(groups.values()) == pytest.approx(30.0)
+    assert groups["decode steps"] == 15.0 and groups["host sampling"] == 0.5 and groups["prefill"] == 2.0
+    peer_phases = {"launch + interpreter start": 1.0, "imports (torch, transformers)": 5.0, "model load": 1.0,
+                   "reading the input": 0.1, "generate (tokenise + prefill + steps + sampling)": 20.0,
+                   "output writing": 0.1, "exit": 0.5}
+    assert generate.grouped(peer_phases)["decode steps"] == 20.0
+    assert sum(generate.grouped(peer_phases).values()) == pytest.approx(27.7)
+
+
+def test_generate_goal_verdicts():
+    from hvdinfer.bench import generate
+
+    decoder = {"recompute, long": {"tokens_per_s": 10.0}, "cache, long": {"tokens_per_s": 150.0},
+               "batch 1": {"tokens_per_s": 25.0}, "batch 32": {"tokens_per_s": 180.0}}
+    jobs = {"1 rank": {"compute_tokens_per_s": 100.0, "end_to_end_tokens_per_s": 80.0},
+            "2 ranks": {"compute_tokens_per_s": 170.0, "end_to_end_tokens_per_s": 120.0}}
+    peer = {"end_to_end_tokens_per_s": 75.0}
+    goals = generate.goal_table(decoder, jobs, peer, 2)
+    assert goals["KV cache / full recompute"]["value"] == pytest.approx(15.0) and goals["KV cache / full recompute"]["met"]
+    assert goals["batch 32 / batch 1"]["value"] == pytest.approx(7.2) and not goals["batch 32 / batch 1"]["met"]
+    assert goals["2 ranks / 1 rank"]["value"] == pytest.approx(1.7) and not goals["2 ranks / 1 rank"]["met"]
+    assert goals["hvdinfer 1 rank / HF generate"]["met"]  # 1.07
+    assert goals["hvdinfer 2 ranks / HF generate"]["value"] == pytest.approx(1.6)
+    assert goals["2 ranks / 1 rank"]["goal"] == ">= 1.8"
+    json.dumps(goals)
+    assert set(generate.goal_table(decoder, jobs, None, 2)) == {"KV cache / full recompute", "batch 32 / batch 1",
+                                                                 "2 ranks / 1 rank"}
+
+
+def test_early_stops_end_the_early_prompts_only():
+    from hvdinfer.bench import generate
+
+    pieces = {1: " a", 2: " b", 3: " c", 4: " d", 5: "-x", 6: " e", 7: " "}
+    decode = lambda tokens: "".join(pieces[t] for t in tokens)
+    continuations = [[1, 1, 1, 1], [2, 5, 3, 3], [1, 4, 4, 4], [6, 7, 1, 1]]
+    stops = generate.early_stops(continuations, decode, {1, 3}, stop_at=1)
+    # prompt 1: " b" would stop it; prompt 3: " e" ("-x" looks like a flag, " " and " a" occur in others)
+    assert stops == [" b", " e"]
+    for i, tokens in enumerate(continuations):
+        assert any(s in decode(tokens) for s in stops) == (i in {1, 3})
+
+
+def test_generate_bench_flags():
+    args = cli.build_parser().parse_args(["bench", "generate", "--generate-prompts", "384", "--generate-size", "debug"])
+    assert args.which == "generate" and args.generate_prompts == 384 and args.generate_size == "debug"
+    assert args.generate_long_tokens == 256 and args.generate_recompute_batch == 4
+
+
+def test_early_stops_take_two_tokens_where_one_is_not_unique():
+    from hvdinfer.bench import generate
+
+    pieces = {1: " a", 2: " b"}
+    decode = lambda tokens: "".join(pieces[t] for t in tokens)
+    continuations = [[1, 1, 1, 1], [2, 2, 2, 2], [1, 2, 1, 2]]
+    # prompt 2: " a" and " b" occur in the others; " b a" (its tokens 1 and 2) does not
+    assert generate.early_stops(continuations, decode, {2}, stop_at=1) == [" b a"]
