@@ -1,8 +1,8 @@
 """`hvdinfer serve` under load and faults (mpirun -np 2, debug GPT-2, every decode iteration slowed
 to 0.5 s by HVDINFER_TEST_STEP_SECONDS): a full queue answers 429 with Retry-After, a request over
---request-timeout 504 (its slot freed), and a worker frozen with SIGSTOP makes the in-flight requests
-503 and the whole job exit non-zero within the stall timeout, naming the rank. In this order: the
-last test ends the server."""
+--request-timeout 504 (its slot freed), and a worker frozen with SIGSTOP makes /healthz 503 at once,
+the in-flight requests 503 and the whole job exit non-zero within the stall timeout, naming the rank.
+In this order: the last test ends the server."""
 import concurrent.futures
 import os
 import signal
@@ -62,6 +62,10 @@ def test_a_frozen_worker_ends_the_job_and_requests_get_503(server):
         try:
             os.kill(worker, signal.SIGSTOP)
             signal_sent = True
+            health = 200
+            while health == 200 and time.monotonic() - frozen_at < STALL_S:
+                time.sleep(0.2)
+                health = raw(server, "GET", "/healthz", timeout=5)[0]
             answers = [f.result(timeout=30) for f in pending]
         finally:
             code = server.proc.wait(60)
@@ -70,6 +74,7 @@ def test_a_frozen_worker_ends_the_job_and_requests_get_503(server):
                     os.kill(worker, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
+    assert health == 503  # before the job ends: rank 1 is not heard
     assert all(status == 503 for status, _, _ in answers), answers
     assert answers[0][2]["error"]["type"] == "service_unavailable"
     assert code != 0 and time.monotonic() - frozen_at < STALL_S + 20

@@ -27,6 +27,7 @@ from hvdinfer.engine import watchdog
 from hvdinfer.tasks.serve.served import Served, TextForward
 
 BATCHING = ("continuous", "static")
+ADMIT_EVERY = 4
 
 
 class RankLoop:
@@ -37,6 +38,8 @@ class RankLoop:
         self.texts: collections.deque = collections.deque()
         self.waiting: collections.deque = collections.deque()
         self.stopping = False
+        self.since_admit = 0
+        self.admit_group = max(1, max_batch // 4)
         self.min_step_s = float(os.environ.get("HVDINFER_TEST_STEP_SECONDS", "0"))
         if served.kind == "generate":
             from models.slots import SlotDecoder
@@ -103,7 +106,12 @@ class RankLoop:
         decoder = self.decoder
         watchdog.beat(f"serving: decoding {decoder.active} sequence(s), {len(self.waiting)} waiting")
         admit = []
-        if self.batching == "continuous" or not decoder.active:
+        # Continuous: a prefill costs about one decode step, so newcomers join in groups (a quarter of
+        # the slots free, or after ADMIT_EVERY iterations) rather than one prefill per iteration.
+        self.since_admit += 1
+        due = decoder.free >= self.admit_group or self.since_admit >= ADMIT_EVERY
+        if not decoder.active or (self.batching == "continuous" and due):
+            self.since_admit = 0
             while self.waiting and len(admit) < decoder.free:
                 key, prompt, params, index = self.waiting.popleft()
                 try:

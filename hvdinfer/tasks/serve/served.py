@@ -76,13 +76,17 @@ def load(model: str, precision: str) -> Served:
     return Served(name, model_dir, kind, net, tokenizer, info.max_seq_length, labels, embedder)
 
 
+SUB_BATCH = 16  # texts of a batch are sorted by length and computed this many at a time: less padding
+
+
 class TextForward:
-    """Texts -> one float32 row each, in batches padded to their own longest (as `infer` does)."""
+    """Texts -> one float32 row each, sorted by length and cut into sub-batches padded to their own
+    longest (as `infer` cuts a chunk)."""
 
     def __init__(self, served: Served, batch_size: int):
         from hvdinfer.tasks import infer
 
-        self.served, self.batch_size = served, batch_size
+        self.served, self.batch_size = served, min(batch_size, SUB_BATCH)
         self.forwards = {"embed": infer.compiled_forward(served.embedder)}
         if served.kind == "classify":
             self.forwards["classify"] = infer.compiled_forward(served.model)
