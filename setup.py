@@ -22,6 +22,8 @@ setup(
         "orjson>=3.9",
         "fastapi",
         "uvicorn",
+        "httptools",
+        "uvloop",
         "pydantic>=2",
         "prometheus-client",
     ],
