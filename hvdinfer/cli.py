@@ -71,7 +71,27 @@ def _text_job_args(args: argparse.Namespace) -> dict:
                 text_field=args.text_field, id_field=args.id_field, input_format=args.input_format,
                 on_error=args.on_error, quiet=args.quiet, precision=args.precision, metrics_json=args.metrics_json,
                 schedule=args.schedule, chunk_size=args.chunk_size, resume=args.resume, journal=not args.no_journal,
-                stall_timeout=args.stall_timeout, progress_interval=args.progress_interval)
+                stall_timeout=args.stall_timeout, progress_interval=args.progress_interval,
+                parallel=_parallel_config(args))
+
+
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model parallelism (ranks = dp x tp)")
+    g.add_argument("--pp", type=int, default=1, metavar="K",
+                   help="pipeline stages per rank, one per device (GPUs local_rank*K..+K-1, or K logical CPU devices)")
+    g.add_argument("--tp", type=int, default=1, metavar="T",
+                   help="ranks that split every block's heads and MLP columns (consecutive ranks form a group)")
+    g.add_argument("--micro-batches", type=int, default=1, metavar="M",
+                   help="with --pp: each batch flows through the stages as M micro-batches (GPipe)")
+    g.add_argument("--plan", type=Path, default=None, metavar="PLAN.json",
+                   help="with --pp: layer-name patterns per stage (default: balanced by parameters; "
+                        "`hvdinfer doctor --model M --pp K` prints it)")
+
+
+def _parallel_config(args: argparse.Namespace):
+    from hvdinfer.parallel.dims import ParallelConfig
+
+    return ParallelConfig(pp=args.pp, tp=args.tp, micro_batches=args.micro_batches, plan=args.plan)
 
 
 def _add_stall_flag(g) -> None:
@@ -88,7 +108,8 @@ def _runtime_config(args: argparse.Namespace) -> runtime.RuntimeConfig:
     if args.cycle_time_ms < 0:
         raise runtime.JobError("--cycle-time-ms must be >= 0")
     return runtime.RuntimeConfig(intra_op_threads=args.threads, inter_op_threads=args.inter_threads,
-                                 cycle_time_ms=args.cycle_time_ms, seed=args.seed)
+                                 cycle_time_ms=args.cycle_time_ms, seed=args.seed,
+                                 pipeline_stages=max(1, getattr(args, "pp", 1)))
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -124,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selftest", action="store_true", help="verify allreduce/allgather/broadcast, time them")
     p.add_argument("--selftest-fail-rank", type=int, default=None, metavar="R",
                    help="rank R raises right after init (proves fail-fast)")
+    p.add_argument("--model", default=None, metavar="M",
+                   help="print M's model-parallel plan for --pp/--tp (a size: gpt2, minilm-l6, bert:debug, "
+                        "gpt:debug ..., or a model directory) and exit; one process is enough")
+    _add_parallel_flags(p)
     _add_runtime_flags(p)
 
     p = sub.add_parser("infer", help="distributed batch inference, results in input order, resumable")
@@ -134,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=0, help="tokens per text (default: the model's)")
     _add_precision_flag(p)
     _add_job_flags(p)
+    _add_parallel_flags(p)
     _add_runtime_flags(p)
 
     p = sub.add_parser("generate", help="text generation for many prompts, in input order, resumable")
@@ -151,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence per token (slow)")
     _add_precision_flag(p)
     _add_job_flags(p)
+    _add_parallel_flags(p)
     _add_runtime_flags(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server on the coordinator, every rank computing")
@@ -209,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also checkpoint every N optimizer steps, mid-epoch (default 0: at epoch ends only)")
     _add_stall_flag(p)
     _add_precision_flag(p)
+    _add_parallel_flags(p)
     _add_runtime_flags(p)
 
     p = sub.add_parser("pretrain", help="data-parallel training of a GPT-2-layout language model, exact resume")
@@ -316,6 +344,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "doctor":
         from hvdinfer import doctor
 
+        if args.model is not None:
+            return doctor.print_plan(args.model, _parallel_config(args))
         return doctor.run(args.selftest, args.selftest_fail_rank, _runtime_config(args))
     if args.command == "infer":
         from hvdinfer.tasks import infer
@@ -340,7 +370,7 @@ def dispatch(args: argparse.Namespace) -> int:
             lr=args.lr, no_lr_scaling=args.no_lr_scaling, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, dropout=args.dropout, max_length=args.max_length, seed=args.seed,
             resume=args.resume, checkpoint_every=args.checkpoint_every, precision=args.precision,
-            stall_timeout=args.stall_timeout)
+            stall_timeout=args.stall_timeout, parallel=_parallel_config(args))
         summary = finetune.run(cfg, _runtime_config(args))
         if runtime.init_runtime().is_coordinator:
             print(f"finetune: {summary['epochs']} epoch(s) on {summary['ranks']} rank(s) in {summary['seconds']:.1f} s "

@@ -3,6 +3,7 @@
     .venv/bin/hvdinfer doctor                          # versions and build flags, one process
     mpirun -np 2 .venv/bin/hvdinfer doctor --selftest  # + every rank, verified collectives, timings
     mpirun -np 2 .venv/bin/hvdinfer doctor --selftest-fail-rank 1   # proves fail-fast
+    .venv/bin/hvdinfer doctor --model gpt2 --pp 2 --tp 2            # a model-parallel plan, bytes per device
 
 Exit status is non-zero, with one line saying why, when anything is missing or wrong.
 """
@@ -120,6 +121,88 @@ def selftest(rt: runtime.Runtime, repeats: int = 20, megabytes: int = 16) -> dic
 def _expect(what: str, got: np.ndarray, want: np.ndarray) -> None:
     if got.shape != want.shape or not np.allclose(got, want):
         raise RuntimeError(f"selftest {what} returned {got.tolist()}, expected {want.tolist()}")
+
+
+def plan_model(name: str):
+    """(a function making the unbuilt model, what it is) for `doctor --model`: a model directory, a size
+    (gpt2, minilm-l6, ...), or bert:SIZE / gpt:SIZE where a size name is in both families."""
+    import json
+    from pathlib import Path
+
+    from models import bert, gpt, heads, loading, registry
+
+    path = Path(name)
+    if path.is_dir():
+        try:
+            hf = json.loads((path / "config.json").read_text())
+            if hf.get("model_type") == "gpt2":
+                config = gpt.GPTConfig.from_hf(hf)
+                return (lambda: gpt.GPT(config)), f"{path} (GPT-2, {config.n_layer} blocks)"
+            info = loading.read_info(path)
+            if heads.has_head(path):
+                labels, dropout = heads.read_head(path)
+                return (lambda: heads.TextClassifier(bert.SentenceEmbedder(info.config), labels, dropout),
+                        f"{path} (BERT classifier, {info.config.num_layers} blocks)")
+            return (lambda: bert.SentenceEmbedder(info.config)), f"{path} (BERT, {info.config.num_layers} blocks)"
+        except (OSError, ValueError, KeyError) as exc:
+            raise JobError(f"--model {name}: cannot read the model directory: {exc}") from None
+    family, _, size = name.rpartition(":")
+    in_bert, in_gpt = size in registry.SIZES, size in registry.GPT_SIZES
+    if family == "gpt" or (not family and in_gpt and not in_bert):
+        if not in_gpt:
+            raise JobError(f"--model {name}: unknown GPT size; known: {', '.join(registry.GPT_SIZES)}")
+        config = registry.gpt_size(size)
+        return (lambda: gpt.GPT(config)), f"{size} (GPT-2, {config.n_layer} blocks)"
+    if family == "bert" or (not family and in_bert and not in_gpt):
+        if not in_bert:
+            raise JobError(f"--model {name}: unknown BERT size; known: {', '.join(registry.SIZES)}")
+        config = registry.size(size)
+        return (lambda: bert.SentenceEmbedder(config)), f"{size} (BERT, {config.num_layers} blocks)"
+    if in_bert and in_gpt:
+        raise JobError(f"--model {name}: both a BERT and a GPT size; say bert:{name} or gpt:{name}")
+    raise JobError(f"--model {name}: not a model directory nor a size (BERT: {', '.join(registry.SIZES)}; "
+                   f"GPT: {', '.join(registry.GPT_SIZES)})")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB"
+
+
+def print_plan(model: str, config) -> int:
+    """Print the plan `parallelize` would follow for `model` under --pp/--tp (one group of tp ranks),
+    without allocating the model: each layer's stage, device and shard, and the bytes per device."""
+    import json
+
+    import tensorflow as tf
+
+    from hvdinfer.parallel import parallelize
+    from hvdinfer.parallel.dims import ParallelDims
+
+    model_fn, what = plan_model(model)
+    dims = ParallelDims(dp=1, pp=config.pp, tp=config.tp, world_size=config.tp)
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    devices = [f"/GPU:{s}" if gpus else f"/CPU:{s}" for s in range(dims.pp)]
+    rows, per_device, whole = parallelize.describe(model_fn, dims, config, devices)
+    total = sum(s.bytes for s in whole)
+    print(f"{'model':18s} {what}, {sum(s.parameters for s in whole):,d} parameters, {_mb(total)}")
+    print(f"{'parallel':18s} pp {dims.pp} (stages per rank) x tp {dims.tp} (ranks per group), "
+          f"micro-batches {config.micro_batches}; ranks = dp x {dims.tp}")
+    print(f"{'devices':18s} " + ("stage s of local rank r on GPU r*pp+s" if gpus else
+                                 "stage s on logical CPU device s of each rank (no GPU here)"))
+    print(f"{'layer':12s} {'stage':>5s}  {'device':8s} {'parameters':>13s} {'bytes':>12s}  shard")
+    for row in rows:
+        print(f"{row.layer:12s} {row.stage:5d}  {row.device:8s} {row.parameters:13,d} {_mb(row.bytes):>12s}  {row.shard}")
+    for device, size in per_device.items():
+        print(f"{'bytes on ' + device:18s} {_mb(size)} of {_mb(total)} ({size / total:.3f} of the model) per rank")
+    blocks = [r for r in rows if r.layer.startswith("block_")]
+    if dims.tp_enabled and blocks:
+        full = sum(s.bytes for s in whole if s.name.startswith("block_"))
+        print(f"{'block weights':18s} {_mb(sum(r.bytes for r in blocks))} of {_mb(full)} per rank "
+              f"({sum(r.bytes for r in blocks) / full:.3f})")
+    if dims.pp_enabled:
+        print(f"{'plan (--plan)':18s} " + json.dumps(
+            {"stages": [[r.layer for r in rows if r.stage == s] for s in range(dims.pp)]}))
+    return 0
 
 
 def run(selftest_enabled: bool, fail_rank: int | None, config: runtime.RuntimeConfig) -> int:

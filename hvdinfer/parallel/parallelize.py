@@ -168,9 +168,10 @@ class PlanRow:
 
 
 def describe(model_fn: Callable, dims: ParallelDims, config: ParallelConfig,
-             devices: list[str] | None = None) -> tuple[list[PlanRow], dict[str, int], int]:
-    """(one row per layer, parameter bytes per device of one rank, bytes of the whole model): the plan
-    `parallelize` would follow, computed without allocating the model."""
+             devices: list[str] | None = None
+             ) -> tuple[list[PlanRow], dict[str, int], list[placement_mod.LayerSize]]:
+    """(one row per layer, parameter bytes per device of one rank, the whole model's layer sizes): the
+    plan `parallelize` would follow, computed without allocating the model."""
     probe = model_fn()
     tensor_parallel.check_model(dims, probe)
     sizes = layer_sizes(model_fn, dims)
@@ -182,9 +183,9 @@ def describe(model_fn: Callable, dims: ParallelDims, config: ParallelConfig,
         stage_of = [0] * len(sizes)
     rows, per_device = [], {}
     for size, stage, whole in zip(sizes, stage_of, full):
-        shard = "replicated"
+        shard = "replicated" if dims.tp_enabled else "whole"
         if dims.tp_enabled and size.name.startswith("block_"):
             shard = f"1/{dims.tp} (heads, MLP columns; {size.parameters / whole.parameters:.3f} of the block)"
         rows.append(PlanRow(size.name, stage, devices[stage], shard, size.parameters, size.bytes))
         per_device[devices[stage]] = per_device.get(devices[stage], 0) + size.bytes
-    return rows, per_device, sum(s.bytes for s in full)
+    return rows, per_device, full

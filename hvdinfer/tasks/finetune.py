@@ -45,6 +45,7 @@ from hvdinfer.engine import checkpoints
 from hvdinfer.engine import job as engine_job
 from hvdinfer.engine import watchdog
 from hvdinfer.engine.keras_beat import WatchdogBeat
+from hvdinfer.parallel.dims import ParallelConfig
 from hvdinfer.runtime import JobError
 
 LOG = runtime.LOG
@@ -97,6 +98,8 @@ class FinetuneConfig:
     precision: str = "auto"
     """auto (bf16 where the hardware computes it natively, else fp32), fp32, or bf16 compute with
     float32 weights, optimizer state and loss."""
+    parallel: ParallelConfig = ParallelConfig()
+    """Model parallelism: --pp K stages (with --micro-batches) on K devices per rank; --tp is not supported."""
 
     def __post_init__(self):
         if self.task != "classify":
@@ -242,7 +245,7 @@ def training_identity(cfg: FinetuneConfig, labels: list[str], size: int, train: 
     return {"labels": labels, "size": size, "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "no_lr_scaling": cfg.no_lr_scaling, "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay,
             "dropout": cfg.dropout, "max_length": cfg.max_length, "precision": precision,
-            "train_sha256": digest.hexdigest()}
+            "train_sha256": digest.hexdigest(), **cfg.parallel.identity()}
 
 
 def mid_epoch_checkpoint_due(position: Position, steps: int, every: int) -> bool:
@@ -288,6 +291,7 @@ def write_model_dir(model, base_dir: Path, out_dir: Path, max_length: int) -> No
     sbert = out_dir / "sentence_bert_config.json"
     settings = json.loads(sbert.read_text()) if sbert.is_file() else {}
     output.write_json(sbert, {**settings, "max_seq_length": max_length})
+    model = getattr(model, "inner", model)  # a pipelined model's classifier (hvdinfer/parallel/runners.py)
     weights.save_weights(model.embedder, out_dir / "model.safetensors")
     heads.save_head(model, out_dir)
 
@@ -300,6 +304,10 @@ def build_model(cfg: FinetuneConfig, labels: list[str], precision: str):
     tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
     try:
         base = assets.resolve_model(cfg.model) if cfg.model in assets.ASSETS else Path(cfg.model)
+        if cfg.parallel.enabled:
+            from hvdinfer.parallel import parallelize
+
+            return parallelize.classifier_for_training(base, labels, cfg.dropout, cfg.seed, cfg.parallel)
         embedder, tokenizer, info = loading.load_sentence_embedder(base)
     except (assets.AssetError, OSError, ValueError, KeyError) as exc:
         raise JobError(f"--model {cfg.model}: cannot load model: {exc}") from None

@@ -104,7 +104,12 @@ def load_model(cfg: GenerateConfig, precision: str) -> Loaded:
     tf.keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16" else "float32")
     model_dir = text_job.resolve_model_dir(cfg.model)
     try:
-        model, tokenizer, config = gpt_loading.load_gpt(model_dir)
+        if cfg.parallel.enabled:
+            from hvdinfer.parallel import parallelize
+
+            model, tokenizer, config = parallelize.load_gpt(model_dir, cfg.parallel)
+        else:
+            model, tokenizer, config = gpt_loading.load_gpt(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise JobError(f"--model {cfg.model}: cannot load model: {exc}") from None
     if cfg.max_new_tokens >= config.n_positions:
@@ -212,7 +217,7 @@ def job_identity(cfg: GenerateConfig, index: chunks.InputIndex, chunk_size: int,
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
             "top_p": cfg.top_p, "seed": cfg.seed, "stop": list(cfg.stop), "kv_cache": cfg.kv_cache,
             # Only when set, so a journal written before the flag existed still resumes.
-            **({"ignore_eos": True} if cfg.ignore_eos else {})}
+            **({"ignore_eos": True} if cfg.ignore_eos else {}), **cfg.parallel.identity()}
 
 
 def run(cfg: GenerateConfig, runtime_config: runtime.RuntimeConfig) -> dict:
@@ -225,7 +230,7 @@ def run(cfg: GenerateConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     index, plan, chunk_size = text_job.plan_job(cfg, rt, engine.link, MAX_AUTO_CHUNK)
     identity = job_identity(cfg, index, chunk_size, precision, loaded) if rt.is_coordinator else {}
     computed = text_job.run_chunks(cfg, engine, index, plan, chunk_size, PromptChunks(cfg, index, plan, loaded),
-                                   identity, "generate", cfg.schedule, precision)
+                                   identity, "generate", cfg.schedule, precision, loaded.model)
     summary = None
     if rt.is_coordinator:
         counts = write_output(cfg, computed.journal, plan, set(computed.todo))

@@ -76,10 +76,13 @@ class Loaded:
     max_length: int
     labels: list[str] | None
     model_dir: Path
+    forward: Any = None
+    """(input_ids, attention_mask) -> outputs: `compiled_forward`, or a parallelised model's own."""
 
 
 def load_model(cfg: InferConfig, precision: str) -> Loaded:
-    """Resolve the model id or directory and load it, or raise a JobError that says why."""
+    """Resolve the model id or directory and load it (parallelised under --pp/--tp), or raise a
+    JobError that says why."""
     import tensorflow as tf
 
     from models import heads, loading
@@ -92,13 +95,19 @@ def load_model(cfg: InferConfig, precision: str) -> Loaded:
                        f"fine-tune one with `hvdinfer finetune` or use --task embed")
     load = loading.load_classifier if cfg.task == "classify" else loading.load_sentence_embedder
     try:
-        model, tokenizer, info = load(model_dir)
+        if cfg.parallel.enabled:
+            from hvdinfer.parallel import parallelize
+
+            model, tokenizer, info = parallelize.load_embedder(model_dir, cfg.task == "classify", cfg.parallel)
+        else:
+            model, tokenizer, info = load(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise JobError(f"--model {cfg.model}: cannot load model: {exc}") from None
     max_length = cfg.max_length or info.max_seq_length
     if max_length > info.config.max_position:
         raise JobError(f"--max-length {max_length} exceeds the model's {info.config.max_position} positions")
-    return Loaded(model, tokenizer, max_length, getattr(model, "labels", None), model_dir)
+    forward = model.forward if cfg.parallel.enabled else compiled_forward(model)
+    return Loaded(model, tokenizer, max_length, getattr(model, "labels", None), model_dir, forward)
 
 
 @functools.lru_cache(maxsize=4)
@@ -120,7 +129,7 @@ def compiled_forward(model):
 def warm_up(loaded: Loaded) -> None:
     """Trace the compiled forward once, outside the timed region (one trace serves every shape)."""
     ids = np.full((1, 8), loaded.tokenizer.pad_id, np.int32)
-    compiled_forward(loaded.model)(ids, np.ones_like(ids))
+    loaded.forward(ids, np.ones_like(ids))  # under --tp every rank of a group at once
 
 
 # --- the chunk task -------------------------------------------------------------------------------
@@ -136,7 +145,7 @@ class TextChunks(text_job.FileChunks):
 
     def compute(self, prepared) -> ChunkResult:
         chunk, records, batches, good, truncated_good = prepared
-        forward = compiled_forward(self.loaded.model)
+        forward = self.loaded.forward
         width = len(self.loaded.labels) if self.loaded.labels else self.loaded.model.config.hidden_size
         values = np.full((len(records), width), np.nan, np.float32)
         for number, batch in enumerate(batches):
@@ -189,7 +198,7 @@ def job_identity(cfg: InferConfig, index: chunks.InputIndex, chunk_size: int, pr
     return {"task": cfg.task, "model": cfg.model, "model_sha256": text_job.model_digest(loaded.model_dir),
             "input": index.identity(), "chunk_size": chunk_size, "batch_size": cfg.batch_size,
             "max_length": loaded.max_length, "precision": precision, "text_field": cfg.text_field,
-            "id_field": cfg.id_field}
+            "id_field": cfg.id_field, **cfg.parallel.identity()}
 
 
 def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
@@ -203,7 +212,7 @@ def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     index, plan, chunk_size = text_job.plan_job(cfg, rt, engine.link, MAX_AUTO_CHUNK)
     identity = job_identity(cfg, index, chunk_size, precision, loaded) if rt.is_coordinator else {}
     computed = text_job.run_chunks(cfg, engine, index, plan, chunk_size, TextChunks(cfg, index, plan, loaded),
-                                   identity, "infer", cfg.schedule, precision)
+                                   identity, "infer", cfg.schedule, precision, loaded.model)
     summary = None
     if rt.is_coordinator:
         width = len(loaded.labels) if loaded.labels else loaded.model.config.hidden_size

@@ -8,6 +8,7 @@ identity (everything that changes a chunk's result) and the writer of its output
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import shutil
@@ -20,6 +21,7 @@ from hvdinfer.data import chunks, readers
 from hvdinfer.engine import journal as journal_mod, link as link_mod, runner, schedule as schedule_mod, watchdog
 from hvdinfer.engine.job import Job
 from hvdinfer.engine.progress import Progress
+from hvdinfer.parallel.dims import ParallelConfig
 from hvdinfer.runtime import JobError
 
 LOG = runtime.LOG
@@ -65,6 +67,8 @@ class TextJobConfig:
     """End the job when a rank makes no progress for this many seconds."""
     progress_interval: float = 30.0
     """Seconds between progress lines when stderr is not a terminal."""
+    parallel: ParallelConfig = ParallelConfig()
+    """Model parallelism (--pp, --tp, --micro-batches, --plan); default: the model whole on every rank."""
 
     OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 
@@ -209,10 +213,18 @@ class Computed:
 
 def run_chunks(cfg: TextJobConfig, engine: Job, index: chunks.InputIndex, plan: list[chunks.Chunk],
                chunk_size: int, task: runner.ChunkTask, identity: dict, name: str,
-               schedule: str, precision: str) -> Computed | None:
+               schedule: str, precision: str, model=None) -> Computed | None:
     """Every rank: compute the chunks the journal lacks. The coordinator gets what was computed
-    (its journal still open for the output), workers None."""
+    (its journal still open for the output), workers None.
+
+    With a tensor-parallel `model` (hvdinfer/parallel) only the leader of each group runs the
+    engine, over the leaders' own link; the group's other ranks repeat its model calls."""
     rt = engine.rt
+    group = getattr(model, "group", None)
+    if group is not None and not group.is_leader:
+        model.follow()
+        return None
+    link, rank, size = (group.leaders, group.dp_rank, group.dims.dp) if group else (engine.link, rt.rank, rt.size)
     journal = progress = None
     todo: list[int] = []
     if rt.is_coordinator:
@@ -221,10 +233,11 @@ def run_chunks(cfg: TextJobConfig, engine: Job, index: chunks.InputIndex, plan: 
         todo = [c.id for c in plan if c.id not in journal.done]
         done_records = sum(plan[c].count for c in journal.done)
         LOG.info("%d records in %d chunks of %d (%d to compute), %d rank(s), %s schedule, precision %s",
-                 index.records, len(plan), chunk_size, len(todo), rt.size, schedule, precision)
+                 index.records, len(plan), chunk_size, len(todo), size, schedule, precision)
         progress = Progress(index.records, done_records, not cfg.quiet, cfg.progress_interval, name)
     start = time.perf_counter()
-    runner.run_chunks(task, engine.link, rt.rank, rt.size, schedule, todo, journal, progress)
+    with model.leading() if group else contextlib.nullcontext():
+        runner.run_chunks(task, link, rank, size, schedule, todo, journal, progress)
     seconds = time.perf_counter() - start
     if not rt.is_coordinator:
         return None
