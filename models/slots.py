@@ -145,8 +145,9 @@ class SlotDecoder:
         for i, s in zip(rows, live):
             self.cache_mask[i, s.column] = 1
         width = max(s.column for s in live) + 1
-        logits = self._step(tf.constant([s.fed for s in live], tf.int32), tf.constant([s.position for s in live], tf.int32),
-                            tf.constant(rows, tf.int32), tf.constant([s.column for s in live], tf.int32),
+        logits = self._step(tf.constant([s.fed for s in live], tf.int32),
+                            tf.constant([s.position for s in live], tf.int32), tf.constant(rows, tf.int32),
+                            tf.constant([s.column for s in live], tf.int32),
                             tf.constant(self.cache_mask[rows, :width])).numpy()[:, :self.usable]
         events = []
         for r, (i, s) in enumerate(zip(rows, live)):

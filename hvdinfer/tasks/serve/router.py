@@ -24,7 +24,6 @@ import itertools
 import queue
 import threading
 import time
-from typing import Any
 
 import numpy as np
 
@@ -67,7 +66,8 @@ class Sequence:
 
 class Router:
     def __init__(self, link, size: int, max_batch: int, max_wait_s: float, max_queue: int, metrics=None):
-        self.link, self.size, self.max_batch, self.max_wait_s, self.max_queue = link, size, max_batch, max_wait_s, max_queue
+        self.link, self.size, self.max_batch, self.max_wait_s = link, size, max_batch, max_wait_s
+        self.max_queue = max_queue
         self.metrics = metrics
         self.lock = threading.Lock()
         self.incoming: collections.deque = collections.deque()  # (kind, object) from the HTTP thread
