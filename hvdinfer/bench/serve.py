@@ -11,7 +11,8 @@ tokens) over the wall time from the first request to the last answer. Any non-20
 as an error.
 
   embeddings  minilm-l6 (or --embed-model), one short text (5-25 words) per request, against
-              `hvdinfer serve --max-batch 64/np` on 1 and on --np ranks; beside it the offline
+              `hvdinfer serve --max-batch clients/(2 np)` on 1 and on --np ranks (two batches in hand per
+              rank, so the next is there while one computes); beside it the offline
               `hvdinfer infer` over the same texts on the same ranks (its compute records/s), and
               the same server with --max-batch 1 (fewer requests: --batch1-requests per client).
   completions a GPT-2-layout model of random weights with the real GPT-2 vocabulary (4 blocks of
@@ -218,7 +219,9 @@ def bench_serve(np_: int, out: Path, clients: int = 64, requests: int = 500, bat
         results[f"infer offline np{n}"] = {"requests_per_s": offline}
         print(f"  {'infer offline np' + str(n):34s} {offline:8.1f} records/s", flush=True)
         port = _port()
-        with Served(embed_model, n, port, "--max-batch", str(max(1, 64 // n)), log=work / f"embed-np{n}.log"):
+        # Two batches in hand per rank (the router's limit), so a rank has the next one while it computes.
+        batch = str(max(1, clients // (2 * n)))
+        with Served(embed_model, n, port, "--max-batch", batch, log=work / f"embed-np{n}.log"):
             result = drive(port, embeddings_load(embed_name, texts, clients, requests), limit_s)
         result.pop("bodies")
         results[f"embeddings np{n}"] = result
@@ -243,14 +246,14 @@ def bench_serve(np_: int, out: Path, clients: int = 64, requests: int = 500, bat
     served, offline = results[f"embeddings np{np_}"], results[f"infer offline np{np_}"]
     ratios = {
         f"embeddings served/offline np{np_}": served["requests_per_s"] / offline["requests_per_s"],
-        "embeddings max-batch 64/np vs 1": served["requests_per_s"]
+        "embeddings batched vs max-batch 1": served["requests_per_s"]
         / results[f"embeddings np{np_} max-batch 1"]["requests_per_s"],
         "completions continuous/static": results[f"completions np{np_} continuous"]["tokens_per_s"]
         / results[f"completions np{np_} static"]["tokens_per_s"],
     }
     goals = {
         "embeddings served >= 0.8x offline": {"value": ratios[f"embeddings served/offline np{np_}"], "goal": ">= 0.8"},
-        "embeddings batched >= 5x max-batch 1": {"value": ratios["embeddings max-batch 64/np vs 1"], "goal": ">= 5"},
+        "embeddings batched >= 5x max-batch 1": {"value": ratios["embeddings batched vs max-batch 1"], "goal": ">= 5"},
         "completions continuous >= 2x static": {"value": ratios["completions continuous/static"], "goal": ">= 2"},
         "zero errors": {"value": sum(r.get("errors", 0) for r in results.values()), "goal": "== 0"},
     }
@@ -289,7 +292,8 @@ def plot_serve(report: dict, path: Path) -> None:
     axes[2].set_xscale("log")
     axes[2].set_xlabel("latency, ms")
     axes[2].legend()
-    fig.suptitle(f"hvdinfer serve, {report['cpu_model']}, {report['cores']} cores, load {report['load_average_1m'][0]:.1f}")
+    fig.suptitle(f"hvdinfer serve, {report['cpu_model']}, {report['cores']} cores, "
+                 f"load {report['load_average_1m'][0]:.1f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
