@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="side-by-side throughput ratios (JSON + PNG)")
     p.add_argument("which", nargs="?", default="all", choices=["all", "runtime", "infer", "finetune", "engine", "peer",
-                                                                "generate", "serve"])
+                                                                "generate", "serve", "parallel"])
     p.add_argument("--np", type=int, default=2, help="ranks for the Horovod variants")
     p.add_argument("--records", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -439,6 +439,10 @@ def dispatch(args: argparse.Namespace) -> int:
                 long_tokens=args.generate_long_tokens, batch_tokens=args.generate_batch_tokens,
                 recompute_batch=args.generate_recompute_batch, repeats=args.repeats, precision=args.precision,
                 size=args.generate_size)
+        if args.which in ("all", "parallel"):
+            from hvdinfer.bench import parallel as bench_parallel
+
+            bench_parallel.bench_parallel(args.out, args.repeats)
         return 0
     if args.command == "serve":
         from hvdinfer.tasks import serve
