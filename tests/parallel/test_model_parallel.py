@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from hvdinfer import cli, runtime
 from hvdinfer.collect import allgather_json
+from hvdinfer.engine import watchdog
 from models import bert, decoding, gpt_loading, heads, loading, registry
 from tests import tiny, tiny_gpt
 
@@ -121,7 +122,10 @@ def run_task(files: Path, row: Row, out: Path, parallel: bool) -> None:
     else:
         argv = ["finetune", "--model", str(files / "bert"), "--train", str(files / "train.jsonl"), "--eval",
                 str(files / "eval.jsonl"), "--output-dir", str(out), *FINETUNE]
+    watchdog.beat(f"running {argv[0]}", armed=True)
     assert cli.dispatch(cli.build_parser().parse_args(argv + flags)) == 0
+    # The stuck-rank watchdog judges jobs; the checks between them are not one.
+    watchdog.beat("checking results", armed=False)
 
 
 _REFERENCES: dict = {}
