@@ -160,3 +160,65 @@ def test_shard_ranges_cut_each_fused_part():
     assert tensor_parallel.shard_spec(tensor_parallel.BERT_SHARDS, "encoder.layer.0.output.dense.weight") == (1, 1)
     assert tensor_parallel.shard_spec(tensor_parallel.BERT_SHARDS,
                                       "encoder.layer.0.attention.output.LayerNorm.weight") is None
+
+
+# --- checkpoints sliced per tensor-parallel rank ---------------------------------------------------------
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_each_rank_loads_its_slices_which_together_make_the_checkpoint(tmp_path, family):
+    import safetensors.numpy
+
+    from hvdinfer.parallel import loading
+    from models import gpt_weights, weights
+    from tests import tiny, tiny_gpt
+
+    if family == "gpt":
+        config = registry.gpt_size("debug")
+        full = tiny_gpt.random_checkpoint(config, seed=2)
+        make, build, table = (lambda: gpt.GPT(config)), gpt.build, gpt_weights.hf_variables
+        prefix = "transformer."
+    else:
+        full = weights.hf_tensors(tiny.random_model(2))
+        make, build, table = (lambda: bert.SentenceEmbedder(registry.size("debug"))), bert.build, weights.hf_variables
+        prefix = ""
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(full, str(path))
+    shards = []
+    for rank in range(2):
+        model = make()
+        tensor_parallel.apply_tensor_parallel(model, ParallelDims(1, 1, 2, 2), None)  # no group: shapes only
+        build(model)
+        loading.load_weights(model, path, tp=2, tp_rank=rank)
+        shards.append({name: (var.numpy().T if transposed else var.numpy())
+                       for name, (var, transposed) in table(model).items()})
+    shards_of = tensor_parallel.GPT_SHARDS if family == "gpt" else tensor_parallel.BERT_SHARDS
+    for name, value in full.items():
+        name = name.removeprefix(prefix)
+        spec = tensor_parallel.shard_spec(shards_of, name)
+        if spec is None:
+            assert all(np.array_equal(s[name], value) for s in shards), name
+            continue
+        axis, parts = spec
+        halves = [np.split(s[name], parts, axis=axis) for s in shards]  # each rank: its piece of every part
+        joined = np.concatenate([np.concatenate([h[p] for h in halves], axis=axis) for p in range(parts)], axis=axis)
+        np.testing.assert_array_equal(joined, value, err_msg=name)
+
+
+def test_sliced_loading_checks_before_assigning(tmp_path):
+    import safetensors.numpy
+
+    from hvdinfer.parallel import loading
+    from tests import tiny_gpt
+
+    config = registry.gpt_size("debug")
+    tensors = tiny_gpt.random_checkpoint(config, seed=2)
+    model = gpt.build(gpt.GPT(config))
+    before = model.wte.embeddings.numpy().copy()
+    broken = dict(tensors, **{"transformer.h.0.mlp.c_fc.weight": np.zeros((64, 100), np.float32)})
+    safetensors.numpy.save_file(broken, str(tmp_path / "a.safetensors"))
+    with pytest.raises(ValueError, match=r"h.0.mlp.c_fc.weight: checkpoint shape \(64, 100\)"):
+        loading.load_weights(model, tmp_path / "a.safetensors")
+    extra = dict(tensors, **{"transformer.h.9.attn.c_attn.weight": np.zeros((1,), np.float32)})
+    safetensors.numpy.save_file(extra, str(tmp_path / "b.safetensors"))
+    with pytest.raises(ValueError, match="no place in the model: transformer.h.9.attn.c_attn.weight"):
+        loading.load_weights(model, tmp_path / "b.safetensors")
+    np.testing.assert_array_equal(model.wte.embeddings.numpy(), before)  # nothing assigned
