@@ -130,7 +130,7 @@ def worker_pipeline(repeats: int) -> dict:
     # Memory: the default plan, balanced by parameters (the embeddings alone weigh about as much as
     # the six blocks), as placed.
     balanced = parallelize.parallelize(_encoder(), ParallelDims(1, 2, 1, 1), ParallelConfig(pp=2))
-    held = placement.parameter_bytes(balanced.model, balanced.placement)
+    held = placement.parameter_bytes(balanced.model)
     total = sum(held.values())
     del balanced
     # Time: a plan balanced by compute (three blocks a stage), given as a --plan file.

@@ -76,6 +76,12 @@ def stage_devices(dims: ParallelDims, rt: runtime.Runtime) -> list[str]:
     """This rank's pp devices: the runtime's when it was started for them, else made now (CPU host)."""
     if len(rt.devices) >= dims.pp:
         return list(rt.devices[:dims.pp])
+    import tensorflow as tf
+
+    gpus = tf.config.get_visible_devices("GPU")
+    if gpus:
+        dims.check_devices(len(gpus), f"rank {rt.rank} sees {len(gpus)} GPU(s): start its runtime with "
+                                      f"pipeline_stages={dims.pp} (the CLI does for --pp)")
     return runtime.stage_devices(dims.pp)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -330,11 +330,3 @@ def _last_real(hidden, attention_mask):
     last = length - 1 - tf.argmax(tf.reverse(attention_mask, [1]), axis=1, output_type=tf.int32)
     return tf.gather(hidden, last, batch_dims=1)
 
-
-def follow_or_lead(runner, leader_work) -> Any:
-    """Run `leader_work()` as the group's leader (its calls repeated by the group), or follow it."""
-    if runner.is_follower:
-        runner.follow()
-        return None
-    with runner.leading():
-        return leader_work()

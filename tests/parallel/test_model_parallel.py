@@ -245,7 +245,7 @@ def test_variables_live_on_their_stage_and_tp_ranks_hold_their_share(rt, files):
     for name, layer in runner.model.named_layers():
         for var in layer.weights:
             assert tf.DeviceSpec.from_string(var.device).device_index == runner.placement.stage(name), var.name
-    held = placement.parameter_bytes(runner.model, runner.placement)
+    held = placement.parameter_bytes(runner.model)
     assert set(held) == {"/CPU:0", "/CPU:1"}
     blocks = sum(int(np.prod(w.shape)) for b in runner.model.encoder.blocks for w in b.weights)
     whole = sum(int(np.prod(w.shape)) for b in bert.build(bert.SentenceEmbedder(registry.size("debug"))).encoder.blocks

@@ -222,3 +222,17 @@ def test_sliced_loading_checks_before_assigning(tmp_path):
     with pytest.raises(ValueError, match="no place in the model: transformer.h.9.attn.c_attn.weight"):
         loading.load_weights(model, tmp_path / "b.safetensors")
     np.testing.assert_array_equal(model.wte.embeddings.numpy(), before)  # nothing assigned
+
+
+def test_doctor_prints_the_plan_without_allocating_the_model(capsys):
+    from hvdinfer import doctor
+
+    assert doctor.print_plan("bert:debug", ParallelConfig(pp=2, tp=2)) == 0
+    out = capsys.readouterr().out
+    assert "debug (BERT, 2 blocks), 23,360 parameters" in out
+    assert "block_0          1  /CPU:1" in out and "1/2 (heads, MLP columns; 0.5" in out
+    assert 'plan (--plan)      {"stages": [' in out and "bytes on /CPU:1" in out
+    with pytest.raises(JobError, match="both a BERT and a GPT size; say bert:debug or gpt:debug"):
+        doctor.plan_model("debug")
+    with pytest.raises(JobError, match="unknown GPT size"):
+        doctor.plan_model("gpt:huge")
