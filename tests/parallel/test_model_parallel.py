@@ -203,6 +203,8 @@ def check_finetune(rt, files: Path, row: Row, want: Path, out: Path) -> None:
             assert got.keys() == expected.keys()
             for key in got:
                 np.testing.assert_allclose(got[key], expected[key], atol=1e-4, err_msg=key)
+    if rt.size > 1:
+        return  # the model-level checks below do not depend on the ranks: the 1-rank row makes them
     # The model: same initial weights, same loss and gradients on a batch (dropout on).
     labels = ["neg", "pos"]
     embedder, tokenizer, _ = loading.load_sentence_embedder(files / "bert")
