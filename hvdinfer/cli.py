@@ -444,6 +444,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
             bench_parallel.bench_parallel(args.out, args.repeats)
         return 0
+    if args.command == "cluster":
+        from hvdinfer import cluster
+
+        return cluster.main(args)
     if args.command == "serve":
         from hvdinfer.tasks import serve
 
@@ -454,10 +458,6 @@ def dispatch(args: argparse.Namespace) -> int:
                                 shutdown_timeout=args.shutdown_timeout)
         serve.run(cfg, _runtime_config(args))
         return 0
-    if args.command == "cluster":
-        from hvdinfer import cluster
-
-        return cluster.main(args)
     if args.command == "demo":
         from hvdinfer import demo
 

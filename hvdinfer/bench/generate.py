@@ -104,12 +104,12 @@ def read_tokens(path: Path) -> list[list[int]]:
 
 def early_stops(tokens: list[list[int]], decode, early: set[int], stop_at: int) -> list[str]:
     """Stop strings that end every prompt in `early` early and no other prompt: for each early prompt
-    the text of one of its tokens (from `stop_at` down, then up), else of two or three in a row,
-    that appears in no other prompt's continuation."""
+    the text of one of its tokens (from `stop_at` down, then up), else of two, three, .. six in a
+    row, that appears in no other prompt's continuation."""
     others = [decode(t) for i, t in enumerate(tokens) if i not in early]
     stops: list[str] = []
     for i in sorted(early):
-        for span in (1, 2, 3):
+        for span in range(1, 7):
             piece = next((p for k in [*range(min(stop_at, len(tokens[i]) - span), -1, -1),
                                       *range(stop_at + 1, len(tokens[i]) - span + 1)]
                           if usable_stop(p := decode(tokens[i][k:k + span]), others)), None)
@@ -374,8 +374,12 @@ def bench_generate(np_: int, out: Path, prompts: int = 256, job_tokens: int = 32
             "compute_tokens_per_s"]
         ratios[f"hvdinfer {np_} ranks / HF generate, compute"] = jobs[f"{np_} ranks"]["compute_tokens_per_s"] / peer[
             "compute_tokens_per_s"]
+    from hvdinfer import runtime
+
     config = model_config(size, tokenizer.vocab_size)
     e = config.n_embd
+    threads = {f"{n} rank{'s' if n > 1 else ''}": dict(zip(("intra_op", "inter_op"), runtime.thread_plan(
+        runtime.RuntimeConfig(), n, runtime.host_cores()))) for n in (1, np_)}
     report = {
         "bench": "generate", "np": np_, "repeats": repeats, "cores": os.cpu_count(), **report_mod.machine(precision),
         "model": {"size": size, "weights": "random (gpt.random_init, seed 0), saved by gpt_loading.save_gpt",
@@ -388,7 +392,7 @@ def bench_generate(np_: int, out: Path, prompts: int = 256, job_tokens: int = 32
                      "mixed_stop_strings": stops},
         "peer": None if peer is None else f"HF transformers {peer['versions']['transformers']} generate, torch "
                                           f"{peer['versions']['torch']}, one process, {peer['torch_threads']} threads",
-        "peer_skipped": why or None, "layout_check": layout, "goals": goals, "ratios": ratios, "decoder": decoder,
+        "tf_threads_per_rank": threads, "peer_skipped": why or None, "layout_check": layout, "goals": goals, "ratios": ratios, "decoder": decoder,
         "jobs": {**jobs, **({"HF transformers generate": peer} if peer else {})}, "mixed": mixed,
     }
     print_table(report)
