@@ -241,11 +241,9 @@ def goal_table(schedule: dict, resume: dict, memory: dict, sizes: list[int]) -> 
     table = {}
     for name, value in values.items():
         what, comparison, bound = GOALS[name]
-        met = value >= bound if comparison == ">=" else value <= bound
-        table[name] = {"value": value, "goal": f"{comparison} {bound:g}", "what": what, "met": met}
-    table["resumed output byte-identical"] = {"value": resume["byte_identical"], "goal": "== True",
-                                              "what": "resumed .npy vs the uninterrupted run's",
-                                              "met": resume["byte_identical"]}
+        table[name] = report_mod.goal(value, comparison, bound, what=what)
+    table["resumed output byte-identical"] = report_mod.goal(resume["byte_identical"], "==", True,
+                                                             what="resumed .npy vs the uninterrupted run's")
     return table
 
 

@@ -249,7 +249,7 @@ def goal_table(decoder: dict, jobs: dict, peer: dict | None, np_: int) -> dict:
     for name, (what, bound) in GOALS.items():
         if name in values:
             label = name.replace("N ranks", f"{np_} ranks")
-            table[label] = {"value": values[name], "goal": f">= {bound:g}", "what": what, "met": values[name] >= bound}
+            table[label] = report_mod.goal(values[name], ">=", bound, what=what)
     return table
 
 

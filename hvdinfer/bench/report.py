@@ -3,6 +3,7 @@ the report (JSON + PNG under --out)."""
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
 import subprocess
@@ -78,6 +79,15 @@ def machine(precision: str = "auto") -> dict:
     chosen, why = runtime.choose_precision(precision, runtime.cpuinfo_flags(cpuinfo),
                                            runtime.visible_gpu_capabilities())
     return {"cpu_model": runtime.cpuinfo_model(cpuinfo), "precision": chosen, "precision_reason": why}
+
+
+COMPARISONS = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
+
+
+def goal(value, comparison: str, bound, **extra) -> dict:
+    """A goal's entry in a report: the measured value, the bound as text, and whether it holds."""
+    shown = f"{bound:g}" if isinstance(bound, float) else str(bound)
+    return {"value": value, "goal": f"{comparison} {shown}", **extra, "met": bool(COMPARISONS[comparison](value, bound))}
 
 
 def print_ratios(ratios: dict, width: int = 18) -> None:

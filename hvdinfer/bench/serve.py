@@ -252,13 +252,11 @@ def bench_serve(np_: int, out: Path, clients: int = 64, requests: int = 500, bat
         / results[f"completions np{np_} static"]["tokens_per_s"],
     }
     goals = {
-        "embeddings served >= 0.8x offline": {"value": ratios[f"embeddings served/offline np{np_}"], "goal": ">= 0.8"},
-        "embeddings batched >= 5x max-batch 1": {"value": ratios["embeddings batched vs max-batch 1"], "goal": ">= 5"},
-        "completions continuous >= 2x static": {"value": ratios["completions continuous/static"], "goal": ">= 2"},
-        "zero errors": {"value": sum(r.get("errors", 0) for r in results.values()), "goal": "== 0"},
+        "embeddings served >= 0.8x offline": report_mod.goal(ratios[f"embeddings served/offline np{np_}"], ">=", 0.8),
+        "embeddings batched >= 5x max-batch 1": report_mod.goal(ratios["embeddings batched vs max-batch 1"], ">=", 5),
+        "completions continuous >= 2x static": report_mod.goal(ratios["completions continuous/static"], ">=", 2),
+        "zero errors": report_mod.goal(sum(r.get("errors", 0) for r in results.values()), "==", 0),
     }
-    for goal in goals.values():
-        goal["met"] = bool(eval(f"{goal['value']!r} {goal['goal']}"))  # noqa: S307 - our own literals
     report = {"bench": "serve", "np": np_, "clients": clients, "requests_per_client": requests,
               "batch1_requests_per_client": batch1_requests, "completion_requests_per_client": completion_requests,
               "embed_model": embed_model, "lm": LM_CONFIG if lm_model is None else lm_model,

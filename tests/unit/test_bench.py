@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hvdinfer import cli
-from hvdinfer.bench import engine, infer, peer, probe
+from hvdinfer.bench import engine, infer, peer, probe, report
 
 
 def test_every_probed_function_exists():
@@ -188,3 +188,11 @@ def test_early_stops_take_two_tokens_where_one_is_not_unique():
     continuations = [[1, 1, 1, 1], [2, 2, 2, 2], [1, 2, 1, 2]]
     # prompt 2: " a" and " b" occur in the others; " b a" (its tokens 1 and 2) does not
     assert generate.early_stops(continuations, decode, {2}, stop_at=1) == [" b a"]
+
+
+def test_goal_entries_compare_as_written():
+    assert report.goal(1.2, ">=", 1.3) == {"value": 1.2, "goal": ">= 1.3", "met": False}
+    assert report.goal(0.02, "<=", 0.03, what="share of wall")["met"]
+    assert report.goal(0, "==", 0)["goal"] == "== 0" and report.goal(True, "==", True)["met"]
+    with pytest.raises(KeyError):
+        report.goal(1.0, ">", 0.5)
