@@ -349,6 +349,9 @@ def dispatch(args: argparse.Namespace) -> int:
         return doctor.run(args.selftest, args.selftest_fail_rank, _runtime_config(args))
     if args.command == "infer":
         from hvdinfer.tasks import infer
+    p.add_argument("--train-records", type=int, default=None,
+                   help="finetune story: a seeded sample of this many training reviews (default 6,000 to fit "
+                        "10 minutes; 0: all 10,227)")
 
         cfg = infer.InferConfig(task=args.task, max_length=args.max_length, **_text_job_args(args))
         infer.run(cfg, _runtime_config(args))
@@ -461,7 +464,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from hvdinfer import demo
 
-        return demo.run(args.np, args.out, args.story, args.precision, args.lm_dir, args.lm_minutes)
+        return demo.run(args.np, args.out, args.story, args.precision, args.lm_dir, args.lm_minutes, args.train_records)
     raise AssertionError(args.command)
 
 

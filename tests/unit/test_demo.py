@@ -145,3 +145,15 @@ def test_knn_accuracy_leaves_each_row_out_and_breaks_ties_by_the_nearest():
     assert demo.knn_accuracy(embeddings, ["a", "b", "a", "b"], k=2) == 0.0
     with pytest.raises(ValueError, match=r"k must be in 1..3, got 4"):
         demo.knn_accuracy(embeddings, ["a", "b", "a", "b"], k=4)
+
+
+def test_training_sample_is_seeded_ordered_and_zero_means_all():
+    train = [{"id": i} for i in range(100)]
+    sample = demo.training_sample(train, 30)
+    assert len(sample) == 30 and sample == demo.training_sample(train, 30)
+    ids = [r["id"] for r in sample]
+    assert ids == sorted(ids) and len(set(ids)) == 30
+    assert ids != list(range(30))  # drawn over the whole set, not its head
+    assert demo.training_sample(train, 0) is train and demo.training_sample(train, 500) is train
+    with pytest.raises(ValueError, match="--train-records must be >= 0"):
+        demo.training_sample(train, -1)
