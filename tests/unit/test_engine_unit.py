@@ -205,3 +205,23 @@ def test_a_heartbeat_exchange_blocked_in_mpi_is_reported_not_silent():
     BlockedLink.release.set()
     dog.stop()
     assert exits and "heartbeat exchange has been blocked in MPI" in lines[0]
+
+
+def test_training_progress_counts_steps_across_fits_and_logs_the_run(monkeypatch, caplog):
+    import tensorflow as tf
+
+    from hvdinfer import runtime
+    from hvdinfer.engine.keras_beat import TrainingProgress
+
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(2,))])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((6, 2), np.float32), np.zeros((6, 1), np.float32)
+    monkeypatch.setattr(runtime.LOG, "propagate", True)
+    with caplog.at_level("INFO", logger="hvdinfer"):
+        steps = TrainingProgress(total_steps=12, done_before=3, interval=0.0)
+        model.fit(x, y, batch_size=2, epochs=1, callbacks=[steps], verbose=0)  # 3 steps
+        model.fit(x, y, batch_size=3, epochs=1, callbacks=[steps], verbose=0)  # 2 more, a second fit
+        steps.close()
+    assert steps.progress.done == 8 and steps.progress.fresh == 5
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert len(lines) == 6 and lines[-1].startswith("progress: 8/12 steps (66.7%)")
