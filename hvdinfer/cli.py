@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo-out"))
     p.add_argument("--lm-dir", type=Path, default=Path("runs/lm"), help="generate story: the language model's run")
     p.add_argument("--lm-minutes", type=float, default=20.0, help="generate story: training budget if it must train")
+    p.add_argument("--train-records", type=int, default=None,
+                   help="finetune story: a seeded sample of this many training reviews (default 6,000 to fit "
+                        "10 minutes; 0: all 10,227)")
     _add_precision_flag(p, "finetune story: compute in")
     return parser
 
@@ -349,9 +352,6 @@ def dispatch(args: argparse.Namespace) -> int:
         return doctor.run(args.selftest, args.selftest_fail_rank, _runtime_config(args))
     if args.command == "infer":
         from hvdinfer.tasks import infer
-    p.add_argument("--train-records", type=int, default=None,
-                   help="finetune story: a seeded sample of this many training reviews (default 6,000 to fit "
-                        "10 minutes; 0: all 10,227)")
 
         cfg = infer.InferConfig(task=args.task, max_length=args.max_length, **_text_job_args(args))
         infer.run(cfg, _runtime_config(args))
