@@ -235,22 +235,16 @@ def run(cfg: GenerateConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     if rt.is_coordinator:
         counts = write_output(cfg, computed.journal, plan, set(computed.todo))
         text_job.close_journal(cfg, computed)
-        summary = {"prompts": index.records, "ok": index.records - counts["skipped"], **counts,
-                   "ranks": rt.size, "schedule": cfg.schedule, "chunks": len(plan),
-                   "chunks_computed": len(computed.todo), "chunk_size": chunk_size, "precision": precision,
-                   "precision_reason": precision_reason, "kv_cache": cfg.kv_cache,
-                   "compute_seconds": computed.seconds, "prompts_per_s": computed.records_per_s,
-                   "tokens_per_s": counts["tokens_computed"] / computed.seconds if computed.seconds else 0.0,
-                   "total_seconds": time.perf_counter() - start, "output": str(cfg.output)}
-        if cfg.metrics_json:
-            output.write_json(cfg.metrics_json, summary)
-        if not cfg.quiet:
-            reused = len(plan) - len(computed.todo)
-            print(f"generate: {summary['prompts']} prompts -> {cfg.output}: ok {summary['ok']}, "
-                  f"skipped {summary['skipped']}, truncated {summary['truncated']}; {summary['new_tokens']} new "
-                  f"tokens (length {counts['finish_length']}, stop {counts['finish_stop']}, eos "
-                  f"{counts['finish_eos']}); {summary['tokens_per_s']:.1f} new tokens/s on {rt.size} rank(s)"
-                  + (f" ({reused} of {len(plan)} chunks reused from the journal)" if reused else ""), flush=True)
+        ok = index.records - counts["skipped"]
+        tokens_per_s = counts["tokens_computed"] / computed.seconds if computed.seconds else 0.0
+        summary = text_job.finish(
+            cfg, computed, plan, chunk_size, rt.size, (precision, precision_reason), start,
+            {"prompts": index.records, "ok": ok, **counts, "kv_cache": cfg.kv_cache,
+             "prompts_per_s": computed.records_per_s, "tokens_per_s": tokens_per_s},
+            f"generate: {index.records} prompts -> {cfg.output}: ok {ok}, skipped {counts['skipped']}, truncated "
+            f"{counts['truncated']}; {counts['new_tokens']} new tokens (length {counts['finish_length']}, stop "
+            f"{counts['finish_stop']}, eos {counts['finish_eos']}); {tokens_per_s:.1f} new tokens/s on "
+            f"{rt.size} rank(s)")
     return runner.finish(engine.link, rt.rank, rt.size, summary)
 
 

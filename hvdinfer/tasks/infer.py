@@ -218,18 +218,10 @@ def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:
         width = len(loaded.labels) if loaded.labels else loaded.model.config.hidden_size
         counts = write_output(cfg, computed.journal, plan, index.records, width, loaded.labels)
         text_job.close_journal(cfg, computed)
-        summary = {"records": index.records, "ok": index.records - counts["skipped"], **counts,
-                   "ranks": rt.size, "schedule": cfg.schedule, "chunks": len(plan),
-                   "chunks_computed": len(computed.todo), "chunk_size": chunk_size, "precision": precision,
-                   "precision_reason": precision_reason, "compute_seconds": computed.seconds,
-                   "records_per_s": computed.records_per_s,
-                   "total_seconds": time.perf_counter() - start, "output": str(cfg.output)}
-        if cfg.metrics_json:
-            output.write_json(cfg.metrics_json, summary)
-        if not cfg.quiet:
-            reused = len(plan) - len(computed.todo)
-            print(f"infer: {summary['records']} records -> {cfg.output}: ok {summary['ok']}, "
-                  f"skipped {summary['skipped']}, truncated {summary['truncated']}; "
-                  f"{summary['records_per_s']:.1f} records/s on {rt.size} rank(s)"
-                  + (f" ({reused} of {len(plan)} chunks reused from the journal)" if reused else ""), flush=True)
+        ok = index.records - counts["skipped"]
+        summary = text_job.finish(
+            cfg, computed, plan, chunk_size, rt.size, (precision, precision_reason), start,
+            {"records": index.records, "ok": ok, **counts, "records_per_s": computed.records_per_s},
+            f"infer: {index.records} records -> {cfg.output}: ok {ok}, skipped {counts['skipped']}, truncated "
+            f"{counts['truncated']}; {computed.records_per_s:.1f} records/s on {rt.size} rank(s)")
     return runner.finish(engine.link, rt.rank, rt.size, summary)

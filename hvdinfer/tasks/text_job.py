@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hvdinfer import assets, runtime
+from hvdinfer import assets, output, runtime
 from hvdinfer.data import chunks, readers
 from hvdinfer.engine import journal as journal_mod, link as link_mod, runner, schedule as schedule_mod, watchdog
 from hvdinfer.engine.job import Job
@@ -250,3 +250,19 @@ def close_journal(cfg: TextJobConfig, computed: Computed) -> None:
     computed.journal.close(finished=True)
     if not cfg.journal:  # a compressed input's spill is the only thing in OUT.parts/
         shutil.rmtree(journal_mod.journal_dir(cfg.output), ignore_errors=True)
+
+
+def finish(cfg: TextJobConfig, computed: Computed, plan: list[chunks.Chunk], chunk_size: int, ranks: int,
+           precision: tuple[str, str], started: float, fields: dict, line: str) -> dict:
+    """Coordinator: the job's summary (the task's `fields`, then what every text job reports), written
+    to --metrics-json, and `line` printed with the journal's share unless --quiet."""
+    summary = {**fields, "ranks": ranks, "schedule": cfg.schedule, "chunks": len(plan),
+               "chunks_computed": len(computed.todo), "chunk_size": chunk_size, "precision": precision[0],
+               "precision_reason": precision[1], "compute_seconds": computed.seconds,
+               "total_seconds": time.perf_counter() - started, "output": str(cfg.output)}
+    if cfg.metrics_json:
+        output.write_json(cfg.metrics_json, summary)
+    if not cfg.quiet:
+        reused = len(plan) - len(computed.todo)
+        print(line + (f" ({reused} of {len(plan)} chunks reused from the journal)" if reused else ""), flush=True)
+    return summary
