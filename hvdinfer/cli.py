@@ -208,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="cluster name (default: hvd<pid>); `run` uses a cluster of "
                                                 "this name made by `up` and leaves it up")
     p.add_argument("--all", action="store_true", help="down: every cluster this tool made")
-    p.add_argument("--delay", default=None, help="tc netem one-way delay per link, e.g. 1ms")
-    p.add_argument("--rate", default=None, help="tc netem rate per link, e.g. 1gbit")
-    p.add_argument("--loss", default=None, help="tc netem loss per link, e.g. 0.1%%")
+    p.add_argument("--delay", default=None, help="one-way delay per link, e.g. 1ms (needs the kernel's netem)")
+    p.add_argument("--rate", default=None, help="rate per link, e.g. 1gbit (netem; tbf where the kernel has no netem)")
+    p.add_argument("--loss", default=None, help="packet loss per link, e.g. 0.1%% (needs the kernel's netem)")
+    p.add_argument("--cpus-per-host", type=int, default=0, metavar="K",
+                   help="pin each host's processes to K cores of its own (taskset), so hosts do not share cores "
+                        "(default 0: unpinned)")
     p.add_argument("--launcher", default="mpirun", choices=["mpirun", "horovodrun"])
     p.add_argument("--np", type=int, default=0, help="ranks (default: hosts x slots)")
     p.epilog = "run: the hvdinfer command to run across the hosts follows --, e.g. -- doctor --selftest"
