@@ -2,8 +2,10 @@
 by the coordinator, found again after a crash, and checked to continue the very same run.
 
 A checkpoint is a directory `root/NAME` holding a tf.train.Checkpoint (`ckpt.*`: weights,
-optimizer state, anything else the task tracks) and `state.json` (where training stands and the
-run's identity: the settings that must not change for a resume to be exact). It is staged as
+optimizer state, anything else the task tracks; or any object with its `write`/`read`, such as a
+tensor-parallel model's full state, hvdinfer/parallel/sharded_state.py) and `state.json` (where
+training stands and the run's identity: the settings that must not change for a resume to be
+exact). It is staged as
 `root/.NAME.partial` and renamed into place, so a directory with a state.json is complete; removed
 ones are renamed out of sight first (`.NAME.stale`). Which names a task uses (epoch-NNNN,
 step-NNNNNNNN) and how it orders them is the task's business.

@@ -5,6 +5,10 @@ allreduce every step) and returns the callbacks every data-parallel `fit` needs:
 variables broadcast to all ranks, and epoch metrics averaged over ranks. The learning rate is
 scaled by the number of ranks (the effective batch is size x per-rank batch), with a linear
 warm-up so the larger rate does not blow up the first steps (Goyal et al., 2017).
+
+Under tensor parallelism a model replica is a group of tp ranks, each holding a different shard:
+gradients are averaged, and the initial variables broadcast, only among the ranks that hold the
+same shard (this tp rank of every group, `TPGroup.replica_set`), never across shards.
 """
 from __future__ import annotations
 
@@ -59,25 +63,57 @@ def scaled_learning_rate(base_lr: float, size: int, scale: bool = True) -> float
     return base_lr * size if scale else base_lr
 
 
-def apply_data_parallel(optimizer: tf.keras.optimizers.Optimizer,
-                        sparse_as_dense: bool = False) -> tuple[tf.keras.optimizers.Optimizer, list]:
+class BroadcastInProcessSet(tf.keras.callbacks.Callback):
+    """Horovod's BroadcastGlobalVariablesCallback inside a process set: before the first step, every
+    rank of `process_set` takes the model's and the optimizer's variables from `root` (a global rank)."""
+
+    def __init__(self, process_set, root: int):
+        super().__init__()
+        self.process_set, self.root = process_set, root
+        self.done = False
+
+    def on_train_begin(self, logs=None):
+        import horovod.tensorflow as hvd
+
+        if self.done:
+            return
+        # Horovod: the optimizer is built before fit, so its slots exist and are broadcast too.
+        hvd.broadcast_variables(self.model.variables, root_rank=self.root, process_set=self.process_set)
+        hvd.broadcast_variables(list(self.model.optimizer.variables), root_rank=self.root,
+                                process_set=self.process_set)
+        self.done = True
+
+
+def apply_data_parallel(optimizer: tf.keras.optimizers.Optimizer, sparse_as_dense: bool = False,
+                        group=None) -> tuple[tf.keras.optimizers.Optimizer, list]:
     """(distributed optimizer, callbacks) for `model.compile` / `model.fit` on every rank.
 
     The distributed optimizer is rebuilt from `optimizer.get_config()` (Horovod's way): settings
     outside the config (a schedule's state, exclude_from_weight_decay) must be set on it after.
     `sparse_as_dense` allreduces sparse gradients (an embedding lookup's) as dense tensors instead
     of allgathering their rows: cheaper when a batch touches most rows of a small table.
+    `group` (a tensor_parallel.TPGroup) confines both to the ranks holding this rank's shard; with a
+    single dp group there is nothing to average and the optimizer is returned as it is.
     """
     import horovod.tensorflow.keras as hvd
 
-    # Horovod: gradients averaged over ranks with allreduce before every update.
-    distributed = hvd.DistributedOptimizer(optimizer, sparse_as_dense=sparse_as_dense)
-    callbacks = [
+    if group is None:
+        # Horovod: gradients averaged over ranks with allreduce before every update.
+        distributed = hvd.DistributedOptimizer(optimizer, sparse_as_dense=sparse_as_dense)
         # Horovod: start every rank from rank 0's variables (initial or restored from a checkpoint).
-        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-        # Horovod: logged epoch metrics are the mean over ranks, not rank 0's shard alone.
-        hvd.callbacks.MetricAverageCallback(),
-    ]
-    runtime.LOG.info("applied data parallelism: DistributedOptimizer over %d ranks, broadcast from rank 0, "
-                     "metric averaging", hvd.size())
+        broadcast = [hvd.callbacks.BroadcastGlobalVariablesCallback(0)]
+        what = f"over {hvd.size()} ranks, broadcast from rank 0"
+    elif (replicas := group.replica_set()) is None:
+        distributed, broadcast = optimizer, []
+        what = "not needed (one dp group; the tp ranks' shards are never averaged)"
+    else:
+        # Horovod: only the ranks holding the same shard average their gradients and share variables.
+        distributed = hvd.DistributedOptimizer(optimizer, sparse_as_dense=sparse_as_dense, process_set=replicas)
+        broadcast = [BroadcastInProcessSet(replicas, group.replica_root)]
+        what = (f"over the {group.dims.dp} ranks holding this shard ({group.dims.dp_groups()[group.tp_rank]}), "
+                f"broadcast from rank {group.replica_root}")
+    # Horovod: logged epoch metrics are the mean over ranks, not rank 0's shard alone (the tp ranks of
+    # a group log the same values, so the mean is the mean over dp groups).
+    callbacks = broadcast + [hvd.callbacks.MetricAverageCallback()]
+    runtime.LOG.info("applied data parallelism: DistributedOptimizer %s, metric averaging", what)
     return distributed, callbacks

@@ -51,6 +51,26 @@ def _index(shape: list[int], axis: int, start: int, stop: int) -> tuple:
     return tuple(index)
 
 
+def full_shape(local: list[int], spec: tuple[int, int] | None, tp: int) -> list[int]:
+    """The whole tensor's shape, from a rank's slice of it (`spec`: tensor_parallel.shard_spec)."""
+    full = list(local)
+    if spec is not None:
+        full[spec[0] % len(full)] *= tp
+    return full
+
+
+def read_slice(f, key: str, spec: tuple[int, int] | None, tp: int, tp_rank: int) -> np.ndarray:
+    """Rank tp_rank's slice of tensor `key` of an open safetensors file `f` (all of it when `spec` is
+    None), reading nothing else."""
+    if spec is None or tp == 1:
+        return f.get_tensor(key)
+    axis, parts = spec
+    view = f.get_slice(key)
+    full = list(view.get_shape())
+    pieces = [view[_index(full, axis, a, b)] for a, b in tensor_parallel.shard_ranges(full[axis], parts, tp, tp_rank)]
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=axis)
+
+
 def load_weights(model, path: str | os.PathLike, tp: int = 1, tp_rank: int = 0, encoder_only: bool = True) -> int:
     """Assign every variable of `model`'s name table from `path`; returns the bytes read. With tp > 1 the
     sharded variables get rank tp_rank's slice. For a classifier only the encoder's table is loaded here
@@ -72,15 +92,13 @@ def load_weights(model, path: str | os.PathLike, tp: int = 1, tp_rank: int = 0, 
             full = list(view.get_shape())
             local = list(reversed(var.shape)) if transposed else list(var.shape)
             spec = tensor_parallel.shard_spec(fam.shards, name) if tp > 1 else None
-            want = list(local)
-            if spec is not None:
-                want[spec[0] % len(want)] *= tp
+            want = full_shape(local, spec, tp)
             if full != want:
                 raise ValueError(f"{key}: checkpoint shape {tuple(full)} does not fit Keras variable {var.name} "
                                  f"(expected {tuple(want)}" + (f", split over --tp {tp})" if spec else ")"))
             if view.get_dtype() not in FLOAT_DTYPES:
                 raise ValueError(f"{key}: checkpoint dtype {view.get_dtype()} is not floating point")
-            plan.append((key, var, transposed, spec, full))
+            plan.append((key, var, transposed, spec))
         used = {prefix + name for name in table}
         ignored = [re.compile(p) for p in fam.ignore]
         tied = None
@@ -95,14 +113,8 @@ def load_weights(model, path: str | os.PathLike, tp: int = 1, tp_rank: int = 0, 
             raise ValueError(f"checkpoint tensors with no place in the model: {', '.join(unused[:10])}"
                              + (f" and {len(unused) - 10} more" if len(unused) > 10 else ""))
         read = 0
-        for key, var, transposed, spec, full in plan:
-            if spec is None:
-                value = f.get_tensor(key)
-            else:
-                axis, parts = spec
-                pieces = [f.get_slice(key)[_index(full, axis, a, b)]
-                          for a, b in tensor_parallel.shard_ranges(full[axis], parts, tp, tp_rank)]
-                value = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=axis)
+        for key, var, transposed, spec in plan:
+            value = read_slice(f, key, spec, tp, tp_rank)
             read += value.nbytes
             var.assign((value.T if transposed else value).astype(var.dtype.as_numpy_dtype))
             del value

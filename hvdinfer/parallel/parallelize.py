@@ -7,9 +7,10 @@
     3. micro-batches (--micro-batches M): the runner's stages x micro-batches graphs (runners.py).
 Data parallelism comes last and from outside the model: the job engine hands chunks to the dp
 groups (infer, generate), or hvd.DistributedOptimizer averages gradients (finetune,
-data_parallel.py). The model arrives unbuilt (`model_fn` makes it, so its parameters can also be
-counted without allocating them) and leaves built, its weights still to load: `load_weights`
-reads each rank's slices one tensor at a time. The loaders below do all of it for the tasks.
+data_parallel.py; under --tp among the ranks holding the same shard). The model arrives unbuilt
+(`model_fn` makes it, so its parameters can also be counted without allocating them) and leaves
+built, its weights still to load: `load_weights` reads each rank's slices one tensor at a time.
+The loaders below do all of it for the tasks.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from typing import Callable
 from hvdinfer import runtime
 from hvdinfer.parallel import loading as loading_mod, placement as placement_mod, runners, tensor_parallel
 from hvdinfer.parallel.dims import ParallelConfig, ParallelDims
-from hvdinfer.runtime import JobError
 
 LOG = runtime.LOG
 
@@ -138,20 +138,17 @@ def load_embedder(model_dir: Path, classify: bool, config: ParallelConfig):
 
 
 def classifier_for_training(model_dir: Path, labels: list[str], dropout: float, seed: int, config: ParallelConfig):
-    """(PipelineModel, tokenizer, model dir) for fine-tuning: the base encoder's weights and a fresh head
-    initialised exactly as the single-device build initialises it (seeded right before the head)."""
+    """(PipelineModel, tokenizer, model dir) for fine-tuning: the base encoder's weights (under --tp this
+    rank's slices) and a fresh head initialised exactly as the single-device build initialises it
+    (seeded right before the head, so it is also the same on every rank of a tensor-parallel group)."""
     import tensorflow as tf
 
     from models import bert, heads, loading
     from models.tokenizer import Tokenizer
 
     info = loading.read_info(model_dir)
-    dims = dims_for(config)
-    if dims.tp_enabled:
-        raise JobError("finetune --tp is not supported yet (tensor-parallel gradients are implemented, the "
-                       "group-aware data feed and evaluation are not); use --pp, or data parallelism alone")
     runner = parallelize(lambda: heads.TextClassifier(bert.SentenceEmbedder(info.config, normalize=info.normalize),
-                                                      labels, dropout, seed), dims, config)
+                                                      labels, dropout, seed), dims_for(config), config)
     load_weights(runner, info.model_dir / "model.safetensors")
     # The single-device path seeds right before building the head: draw its kernel the same way.
     tf.keras.utils.set_random_seed(seed)

@@ -18,13 +18,16 @@ reads only each rank's slice.
 
 Gradients follow Megatron's f/g pair: the row-parallel sum passes gradients through unchanged (the
 output is replicated), and the input of the column-parallel layers sums its gradient over the
-group. The groups' process sets are added after Horovod starts (HOROVOD_DYNAMIC_PROCESS_SETS, set by
-the runtime), by every rank, in the same order.
+group (BERT's q, k and v share one f, as Megatron's fused QKV layer does: `SharedCopy`). The
+groups' process sets are added after Horovod starts (HOROVOD_DYNAMIC_PROCESS_SETS, set by the
+runtime), by every rank, in the same order.
 
 Data parallelism across groups: only the leader of each group (its first rank) runs the job engine,
 over a communicator of the leaders (`TPGroup.leaders`); the leader sends every model call to its
 group over the group's own link (`announce`) and the other ranks repeat it (`runners.follow`), so
-all ranks of a group run the same collectives in the same order.
+all ranks of a group run the same collectives in the same order. Fine-tuning needs no leader: every
+rank of a group runs the same `fit` on the same batches, and data parallelism averages gradients
+among the ranks holding the same shard (`TPGroup.replica_set`, data_parallel.py).
 """
 from __future__ import annotations
 
@@ -93,6 +96,19 @@ class TPGroup:
     def leader(self) -> int:
         return self.members[0]
 
+    @property
+    def replica_root(self) -> int:
+        """The global rank whose shard this rank's replicas start from: this tp rank of the first group."""
+        return self.dims.dp_groups()[self.tp_rank][0]
+
+    def replica_set(self):
+        """The Horovod process set of the ranks holding this rank's shard (this tp rank of every group):
+        where data parallelism averages gradients and broadcasts; None with a single group. Every rank
+        calls it, in the same order (it adds process sets)."""
+        if self.dims.dp == 1:
+            return None
+        return process_sets(self.dims.dp_groups())[self.tp_rank]
+
     def announce(self, message) -> None:
         """Leader: send a model call to the other ranks of the group."""
         for member in range(1, len(self.members)):
@@ -150,15 +166,42 @@ def copy_to_group(x: tf.Tensor, process_set) -> tf.Tensor:
     return copy(x)
 
 
-class ColumnParallelDense(keras.layers.Dense):
-    """A Dense holding some of the full layer's output columns; its input's gradient is summed over the group."""
+class SharedCopy:
+    """f taken once for several column-parallel layers that read the same input, as Megatron's fused
+    QKV layer takes it once (BERT's q, k and v are three layers): the first reader makes the copy,
+    the others reuse it. The block input's gradient is then two terms, the residual's and one
+    allreduced sum, which every rank adds alike. With an f per layer it would be four, and TF's AddN
+    reorders three or more inputs by which buffer it can reuse, a matter of timing: the replicated
+    weights of a group's ranks drifted apart by rounding, and no two runs were the same."""
 
-    def __init__(self, units: int, process_set=None, **kwargs):
+    def __init__(self, process_set, readers: int):
+        self.process_set, self.readers = process_set, readers
+        self._input = self._output = None
+        self._left = 0
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        if self._input is not x:
+            self._input, self._output, self._left = x, copy_to_group(x, self.process_set), self.readers
+        copied = self._output
+        self._left -= 1
+        if not self._left:  # every reader has it: hold no tensor between calls
+            self._input = self._output = None
+        return copied
+
+
+class ColumnParallelDense(keras.layers.Dense):
+    """A Dense holding some of the full layer's output columns; its input's gradient is summed over the
+    group (by its own f, or by a SharedCopy it shares with the other layers that read the same input)."""
+
+    def __init__(self, units: int, process_set=None, copy: SharedCopy | None = None, **kwargs):
         super().__init__(units, **kwargs)
         self.process_set = process_set
+        self.copy = copy
 
     def call(self, inputs):
-        if self.process_set is not None:
+        if self.copy is not None:
+            inputs = self.copy(inputs)
+        elif self.process_set is not None:
             inputs = copy_to_group(inputs, self.process_set)
         return super().call(inputs)
 
@@ -218,8 +261,9 @@ def shard_bert(model, tp: int, process_set) -> None:
     blocks = []
     for i in range(config.num_layers):
         block = bert.TransformerBlock(local, name=f"block_{i}")
+        shared = SharedCopy(process_set, 3) if process_set is not None else None
         for name in ("query", "key", "value"):
-            setattr(block, name, ColumnParallelDense(local.hidden_size, process_set, name=name))
+            setattr(block, name, ColumnParallelDense(local.hidden_size, process_set, shared, name=name))
         block.attention_out = RowParallelDense(config.hidden_size, process_set, name="attention_out")
         block.ffn_in = ColumnParallelDense(local.intermediate_size, process_set, name="ffn_in")
         block.ffn_out = RowParallelDense(config.hidden_size, process_set, name="ffn_out")

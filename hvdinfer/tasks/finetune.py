@@ -24,6 +24,14 @@ logged train loss and accuracy are Keras' running means since the resume, so the
 steps trained after it (`train_steps` in its metrics.json record says how many); its evaluation
 covers the whole eval set as always.
 
+Model parallelism (hvdinfer/parallel): `--pp K` trains a PipelineModel (stages, micro-batches) on
+each rank. `--tp T` shards every block over T ranks, so a model replica is a group of T ranks (dp =
+ranks / T groups): the data is dealt to the groups, not the ranks (every rank of a group trains on
+the same batches), the learning rate scales with dp, gradients are averaged only among the ranks
+holding the same shard (data_parallel.py), the evaluation is counted once per group, and
+checkpoints and the final model directory hold the full model, gathered from the shards
+(parallel/sharded_state.py) and sliced again on resume.
+
 Test-only knob: HVDINFER_TEST_EXIT_AFTER_CHECKPOINT (engine/checkpoints.py), a crash right after the
 coordinator's k-th checkpoint, for the resume tests.
 """
@@ -74,11 +82,12 @@ class FinetuneConfig:
     epochs: int = 2
     """Epochs in all (a resumed run continues up to this many)."""
     batch_size: int = 16
-    """Records per step per rank; the effective batch is batch_size x ranks."""
+    """Records per step per model replica (a rank, or a group of --tp ranks); the effective batch is
+    batch_size x replicas."""
     lr: float = 3e-5
-    """Base learning rate for one rank; scaled by the number of ranks unless no_lr_scaling."""
+    """Base learning rate for one replica; scaled by the number of replicas unless no_lr_scaling."""
     no_lr_scaling: bool = False
-    """Use lr as given instead of lr x ranks."""
+    """Use lr as given instead of lr x replicas."""
     warmup_steps: int = 50
     """Linear warm-up steps from 0 to the (scaled) rate, which then stays constant."""
     weight_decay: float = 0.01
@@ -99,7 +108,8 @@ class FinetuneConfig:
     """auto (bf16 where the hardware computes it natively, else fp32), fp32, or bf16 compute with
     float32 weights, optimizer state and loss."""
     parallel: ParallelConfig = ParallelConfig()
-    """Model parallelism: --pp K stages (with --micro-batches) on K devices per rank; --tp is not supported."""
+    """Model parallelism: --pp K stages (with --micro-batches) on K devices per rank, --tp T ranks per model
+    replica (ranks = dp x T)."""
 
     def __post_init__(self):
         if self.task != "classify":
@@ -153,15 +163,32 @@ def load_data(cfg: FinetuneConfig) -> tuple[LabeledSet, LabeledSet, list[str]]:
     return labeled_set(cfg.train, train), labeled_set(cfg.eval, eval_), names
 
 
-def epoch_shard(n: int, epoch: int, seed: int, size: int, rank: int, batch_size: int) -> np.ndarray:
-    """This rank's record order for `epoch`: a seeded permutation dealt round-robin, wrapped so every
-    rank holds exactly steps x batch_size records (no rank runs out first and hangs the allreduce)."""
+@dataclasses.dataclass(frozen=True)
+class Replica:
+    """This rank's place in data parallelism: model replica `index` of `count`. A replica is one rank,
+    or under --tp a group of ranks that train on the same data; the first rank of a group reports
+    its results (`reports`), so nothing is counted once per tp rank."""
+
+    count: int
+    index: int
+    reports: bool = True
+
+    @classmethod
+    def of(cls, rt: runtime.Runtime, group=None) -> "Replica":
+        if group is None:
+            return cls(rt.size, rt.rank)
+        return cls(group.dims.dp, group.dp_rank, group.is_leader)
+
+
+def epoch_shard(n: int, epoch: int, seed: int, replicas: int, replica: int, batch_size: int) -> np.ndarray:
+    """Replica `replica`'s record order for `epoch`: a seeded permutation dealt round-robin, wrapped so
+    every replica holds exactly steps x batch_size records (none runs out first and hangs the allreduce)."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    return deal_wrapped(order, size, rank, steps_per_epoch(n, size, batch_size) * batch_size)
+    return deal_wrapped(order, replicas, replica, steps_per_epoch(n, replicas, batch_size) * batch_size)
 
 
-def steps_per_epoch(n: int, size: int, batch_size: int) -> int:
-    return max(1, -(-n // (size * batch_size)))
+def steps_per_epoch(n: int, replicas: int, batch_size: int) -> int:
+    return max(1, -(-n // (replicas * batch_size)))
 
 
 def bucketed_steps(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
@@ -190,14 +217,14 @@ class Position:
 
 
 def batches_from(start: Position, cfg: FinetuneConfig, data: LabeledSet, token_ids: list[list[int]], pad_id: int,
-                 rt: runtime.Runtime):
-    """Endless (inputs, labels) batches from `start` on, in the order `fit` consumes them: `start`'s
-    epoch in its seeded order less the batches already trained, then whole epochs."""
+                 replicas: int, replica: int):
+    """Replica `replica`'s endless (inputs, labels) batches from `start` on, in the order `fit` consumes
+    them: `start`'s epoch in its seeded order less the batches already trained, then whole epochs."""
     lengths = np.array([len(t) for t in token_ids])
     epoch, skip = start.epoch, start.step_in_epoch
     while True:
-        order = epoch_shard(len(data.texts), epoch, cfg.seed, rt.size, rt.rank, cfg.batch_size)
-        rng = np.random.default_rng([cfg.seed, epoch, rt.rank])
+        order = epoch_shard(len(data.texts), epoch, cfg.seed, replicas, replica, cfg.batch_size)
+        rng = np.random.default_rng([cfg.seed, epoch, replica])
         for rows in bucketed_steps(order, lengths, cfg.batch_size, rng)[skip:]:
             batch = batching.make_batches(rows, [token_ids[r] for r in rows], len(rows), pad_id,
                                           sort_by_length=False)[0]
@@ -205,19 +232,20 @@ def batches_from(start: Position, cfg: FinetuneConfig, data: LabeledSet, token_i
         epoch, skip = epoch + 1, 0
 
 
-def confusion(model, tokenizer, data: LabeledSet, num_labels: int, rt: runtime.Runtime, batch_size: int,
+def confusion(model, tokenizer, data: LabeledSet, num_labels: int, replica: Replica, batch_size: int,
               max_length: int) -> np.ndarray:
-    """The eval set's confusion matrix (true x predicted), computed in shards and summed over ranks."""
+    """The eval set's confusion matrix (true x predicted), computed in shards (one per replica) and
+    summed over ranks, each replica's counts once."""
     from hvdinfer.data.shard import ShardPlan
 
-    mine = ShardPlan(len(data.texts), rt.size, "strided").indices(rt.rank)
+    mine = ShardPlan(len(data.texts), replica.count, "strided").indices(replica.index)
     counts = np.zeros((num_labels, num_labels), np.int64)
     ids, _ = tokenizer.encode_ids([data.texts[i] for i in mine], max_length)
     for number, batch in enumerate(batching.make_batches(mine, ids, batch_size * 4, tokenizer.pad_id)):
         watchdog.beat(f"evaluating batch {number + 1}")
         predicted = np.argmax(model(batch.inputs(), training=False).numpy(), axis=1)
         np.add.at(counts, (data.labels[batch.indices], predicted), 1)
-    return collect.allreduce_sum(counts)
+    return collect.allreduce_sum(counts if replica.reports else np.zeros_like(counts))
 
 
 def classification_metrics(counts: np.ndarray, labels: list[str]) -> dict:
@@ -277,8 +305,10 @@ def drop_mid_epoch_checkpoints(root: Path, keep: Path | None = None) -> None:
     checkpoints.remove(root, "step-*", keep)
 
 
-def write_model_dir(model, base_dir: Path, out_dir: Path, max_length: int) -> None:
-    """DIR becomes a model directory: the base model's config and tokenizer, the tuned encoder, the head."""
+def write_model_dir(model, base_dir: Path, out_dir: Path, max_length: int,
+                    encoder_tensors: dict[str, np.ndarray] | None = None) -> None:
+    """DIR becomes a model directory: the base model's config and tokenizer, the tuned encoder (the
+    model's, or `encoder_tensors`: the full encoder gathered from tensor-parallel shards), the head."""
     from models import heads, weights
 
     for name in MODEL_FILES:
@@ -292,7 +322,10 @@ def write_model_dir(model, base_dir: Path, out_dir: Path, max_length: int) -> No
     settings = json.loads(sbert.read_text()) if sbert.is_file() else {}
     output.write_json(sbert, {**settings, "max_seq_length": max_length})
     model = getattr(model, "inner", model)  # a pipelined model's classifier (hvdinfer/parallel/runners.py)
-    weights.save_weights(model.embedder, out_dir / "model.safetensors")
+    if encoder_tensors is None:
+        weights.save_weights(model.embedder, out_dir / "model.safetensors")
+    else:
+        weights.write_safetensors(encoder_tensors, out_dir / "model.safetensors")
     heads.save_head(model, out_dir)
 
 
@@ -337,15 +370,19 @@ class Training:
 
     cfg: FinetuneConfig
     rt: runtime.Runtime
+    replica: Replica
     tokenizer: object
     evaluation: LabeledSet
     labels: list[str]
     ckpt: tf.train.Checkpoint
+    """What a checkpoint writes: a tf.train.Checkpoint, or under --tp the ShardedState (the full model)."""
     identity: dict
     """training_identity: written into every checkpoint."""
     precision_reason: str
     steps: int
     """Optimizer steps per epoch."""
+    sharded: object = None
+    """--tp: the parallel/sharded_state.ShardedState, gathered before each checkpoint; else None."""
 
 
 class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
@@ -372,8 +409,8 @@ class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         cfg = self.job.cfg
-        counts = confusion(self.model, self.job.tokenizer, self.job.evaluation, len(self.job.labels), self.job.rt,
-                           cfg.batch_size, cfg.max_length)
+        counts = confusion(self.model, self.job.tokenizer, self.job.evaluation, len(self.job.labels),
+                           self.job.replica, cfg.batch_size, cfg.max_length)
         metrics = classification_metrics(counts, self.job.labels)
         record = {"epoch": epoch + 1, "train_loss": float(logs["loss"]), "train_accuracy": float(logs["accuracy"]),
                   "train_steps": self.job.steps - self.skipped, "eval": metrics,
@@ -395,7 +432,10 @@ class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
         self.checkpoint(Position(epoch + 1))
 
     def checkpoint(self, position: Position) -> None:
-        """Coordinator only: an atomic checkpoint at `position`; then only the newest mid-epoch one stays."""
+        """Coordinator: an atomic checkpoint at `position`; then only the newest mid-epoch one stays. Under
+        --tp every rank first takes part in gathering the full model from the shards."""
+        if self.job.sharded is not None:
+            self.job.sharded.gather()
         if not self.job.rt.is_coordinator:
             return
         root = self.job.cfg.output_dir / CHECKPOINTS
@@ -409,7 +449,7 @@ class EvaluateAndCheckpoint(tf.keras.callbacks.Callback):
 
 
 def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
-    from hvdinfer.parallel import data_parallel
+    from hvdinfer.parallel import data_parallel, sharded_state
 
     rt = engine_job.start(runtime_config, cfg.stall_timeout).rt
     train, evaluation, labels = load_data(cfg)
@@ -422,40 +462,47 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
         raise JobError(f"--max-length {cfg.max_length} exceeds the model's {model.config.max_position} positions")
     token_ids, _ = tokenizer.encode_ids(train.texts, cfg.max_length)
 
-    peak = data_parallel.scaled_learning_rate(cfg.lr, rt.size, not cfg.no_lr_scaling)
+    group = getattr(getattr(model, "runner", None), "group", None)  # --tp: this rank's tensor-parallel group
+    replica = Replica.of(rt, group)
+    peak = data_parallel.scaled_learning_rate(cfg.lr, replica.count, not cfg.no_lr_scaling)
     optimizer, callbacks = data_parallel.apply_data_parallel(
-        tf.keras.optimizers.AdamW(data_parallel.LinearWarmup(peak, cfg.warmup_steps), weight_decay=cfg.weight_decay))
+        tf.keras.optimizers.AdamW(data_parallel.LinearWarmup(peak, cfg.warmup_steps), weight_decay=cfg.weight_decay),
+        group=group)
     model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     # Keras creates optimizer slots lazily; build them now so a checkpoint restores into real variables.
     optimizer.build(model.trainable_variables)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    sharded = sharded_state.ShardedState(model, optimizer, group) if group is not None else None
+    ckpt = sharded if sharded is not None else tf.train.Checkpoint(model=model, optimizer=optimizer)
     if resume_from:
         checkpoints.restore(ckpt, resume_from.path, optimizer, resume_from.state["step"])
         LOG.info("resumed from %s (%d of %d epochs done, then %d step(s))", resume_from.path, start.epoch,
                  cfg.epochs, start.step_in_epoch)
 
     history = [h for h in _read_history(cfg) if h["epoch"] <= start.epoch] if resume_from else []
-    steps = steps_per_epoch(len(train.texts), rt.size, cfg.batch_size)
+    steps = steps_per_epoch(len(train.texts), replica.count, cfg.batch_size)
     identity = training_identity(cfg, labels, rt.size, train, precision)
-    job = Training(cfg, rt, tokenizer, evaluation, labels, ckpt, identity, precision_reason, steps)
+    job = Training(cfg, rt, replica, tokenizer, evaluation, labels, ckpt, identity, precision_reason, steps, sharded)
     callbacks = callbacks + [WatchdogBeat(), EvaluateAndCheckpoint(job, start, history)]
     verbose = 2 if rt.is_coordinator else 0
     began = time.perf_counter()
     epoch = start.epoch
     if start.step_in_epoch:  # the rest of the interrupted epoch, then its evaluation and checkpoint
-        model.fit(batches_from(start, cfg, train, token_ids, tokenizer.pad_id, rt),
+        model.fit(batches_from(start, cfg, train, token_ids, tokenizer.pad_id, replica.count, replica.index),
                   steps_per_epoch=steps - start.step_in_epoch, epochs=epoch + 1, initial_epoch=epoch,
                   callbacks=callbacks, verbose=verbose)
         epoch += 1
     if epoch < cfg.epochs:
-        model.fit(batches_from(Position(epoch), cfg, train, token_ids, tokenizer.pad_id, rt), steps_per_epoch=steps,
-                  epochs=cfg.epochs, initial_epoch=epoch, callbacks=callbacks, verbose=verbose)
+        model.fit(batches_from(Position(epoch), cfg, train, token_ids, tokenizer.pad_id, replica.count, replica.index),
+                  steps_per_epoch=steps, epochs=cfg.epochs, initial_epoch=epoch, callbacks=callbacks, verbose=verbose)
     seconds = time.perf_counter() - began
+    if sharded is not None:
+        sharded.gather(optimizer=False)  # Horovod: the full encoder from the first group's shards
     if rt.is_coordinator:
-        write_model_dir(model, base_dir, cfg.output_dir, cfg.max_length)
+        write_model_dir(model, base_dir, cfg.output_dir, cfg.max_length,
+                        sharded.model_tensors() if sharded is not None else None)
         LOG.info("wrote model directory %s", cfg.output_dir)
-    trained = (Position(cfg.epochs).step(steps) - start.step(steps)) * cfg.batch_size * rt.size
+    trained = (Position(cfg.epochs).step(steps) - start.step(steps)) * cfg.batch_size * replica.count
     final = history[-1]["eval"] if history else {}
     return {"epochs": cfg.epochs, "ranks": rt.size, "seconds": seconds, "samples_per_s": trained / seconds if seconds else 0,
             "eval_accuracy": final.get("accuracy"), "eval_macro_f1": final.get("macro_f1"), "precision": precision,

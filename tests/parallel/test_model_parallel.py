@@ -7,13 +7,19 @@ process) and is compared with the single-device result:
             no-cache) within 1e-5 relative to their scale;
   finetune  the pipelined classifier's initial weights and gradients equal the single-device model's
             within 1e-5, a short fine-tuning run ends on the same weights (within 1e-4), and the tuned
-            model classifies the same pipelined (class probabilities within 1e-5).
+            model classifies the same pipelined (class probabilities within 1e-5). Under --tp the run
+            is compared with one device doing what the row's dp replicas do together (the plain job
+            at this world size would have dp = ranks), each rank's weight and gradient slices with
+            the single-device model's, and the model directory and checkpoints must hold the full
+            model: it loads without --tp, and a resume from a checkpoint ends bit for bit the same.
 
 A row runs where the world has dp x tp ranks: `make parallel` runs this file at 1, 2 and 3 ranks,
 and tests/integration/test_model_parallel_np4.py at 4. Debug sizes and a few records: seconds a row.
 """
 import dataclasses
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -66,15 +72,19 @@ TABLE = [
     Row("gpt", "generate", dp=1, tp=2),
     Row("gpt", "generate", dp=1, pp=2, tp=2, micro_batches=2),
     Row("bert", "finetune", dp=2, pp=2, micro_batches=2),
+    Row("bert", "finetune", dp=1, tp=2),
     Row("bert", "infer", dp=3, pp=2, micro_batches=2),
     Row("gpt", "generate", dp=3, pp=2, micro_batches=2),
     Row("bert", "infer", dp=2, tp=2),
     Row("gpt", "generate", dp=2, pp=2, tp=2, micro_batches=2),
+    Row("bert", "finetune", dp=2, tp=2),
 ]
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "Hello", "world", "and"]
 GENERATE = ["--max-new-tokens", "6", "--temperature", "0.8", "--top-k", "20", "--seed", "3", "--batch-size", "4"]
-FINETUNE = ["--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2", "--seed", "7", "--max-length", "16",
-            "--epochs", "1", "--dropout", "0.1"]
+TRAINING = {"batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "seed": 7, "max_length": 16, "epochs": 1, "dropout": 0.1,
+            "precision": "fp32"}
+FINETUNE = [part for key, value in TRAINING.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+TP_EPOCHS = 2  # the tp rows train two epochs, so that a resume from the first checkpoint can be compared
 
 
 def rows_here():
@@ -109,9 +119,9 @@ def files(rt, tmp_path_factory):
     return root
 
 
-def run_task(files: Path, row: Row, out: Path, parallel: bool) -> None:
+def run_task(files: Path, row: Row, out: Path, parallel: bool, extra: tuple[str, ...] = ()) -> None:
     """The task of `row` as the CLI runs it, with or without its model-parallel flags."""
-    flags = row.flags() if parallel else []
+    flags = (row.flags() if parallel else []) + list(extra)
     if row.task == "infer":
         argv = ["infer", "--model", str(files / "bert"), "--input", str(files / "texts.jsonl"), "--output", str(out),
                 "--batch-size", "8", "--quiet", "--no-journal"]
@@ -146,6 +156,11 @@ def read(path: Path) -> list[dict]:
 @pytest.mark.skipif(NO_STAGES is not None, reason=f"no stage devices: {NO_STAGES}")
 @pytest.mark.parametrize("row", rows_here())
 def test_combination_equals_single_device(rt, files, row):
+    if row.task == "finetune" and row.tp > 1:
+        out = files / str(row) / "out"
+        run_task(files, row, out, parallel=True, extra=("--epochs", str(TP_EPOCHS), "--checkpoint-every", "1"))
+        check_finetune_tp(rt, files, row, out)
+        return
     want = reference(files, row)
     out = files / str(row) / ("out" if row.task == "finetune" else "out.jsonl")
     run_task(files, row, out, parallel=True)
@@ -233,6 +248,151 @@ def check_finetune(rt, files: Path, row: Row, want: Path, out: Path) -> None:
     tuned, _, _ = loading.load_classifier(out)
     staged, _, _ = parallelize.load_embedder(out, True, ParallelConfig(row.pp, row.tp, row.micro_batches))
     np.testing.assert_allclose(staged.forward(inputs["input_ids"], inputs["attention_mask"]).numpy(),
+                               tf.nn.softmax(tuned(inputs)).numpy(), atol=1e-5)
+
+
+def saved_model(model_dir: Path) -> dict[str, np.ndarray]:
+    import safetensors.numpy
+
+    return {**safetensors.numpy.load_file(str(model_dir / "model.safetensors")),
+            **safetensors.numpy.load_file(str(model_dir / "classifier.safetensors"))}
+
+
+def check_finetune_tp(rt, files: Path, row: Row, out: Path) -> None:
+    """Every rank: a tp row's run (with a checkpoint every step), model directory, checkpoints, model, and
+    (one dp group) resume."""
+    import safetensors.numpy
+
+    # The run ends where one device doing what the row's dp replicas do together ends.
+    allgather_json(0)  # the coordinator has written the directory
+    got = saved_model(out)
+    want = one_device_finetune(files, row.dp, TP_EPOCHS)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-4, err_msg=key)
+    # Checkpoints hold the full model (the last one is what the directory holds) and full Adam moments.
+    last = safetensors.numpy.load_file(str(out / "checkpoints" / f"epoch-{TP_EPOCHS:04d}" / "ckpt.safetensors"))
+    for key in got:
+        np.testing.assert_array_equal(last[key], got[key], err_msg=key)
+        assert last[f"optimizer/m/{key}"].shape == got[key].shape, key
+    check_tp_classifier(files, row, out)
+    if row.dp > 1:
+        return  # the resume below takes a whole run: the 2-rank row makes it
+    # Resuming from the first epoch's checkpoint (each rank reading its slices again) ends bit for bit the same.
+    resumed = files / f"{row}-resumed" / "out"
+    if rt.is_coordinator:
+        shutil.copytree(out / "checkpoints" / "epoch-0001", resumed / "checkpoints" / "epoch-0001")
+        shutil.copy(out / "metrics.json", resumed / "metrics.json")
+    allgather_json(0)
+    run_task(files, row, resumed, parallel=True, extra=("--epochs", str(TP_EPOCHS), "--resume"))
+    allgather_json(0)
+    again = saved_model(resumed)
+    assert again.keys() == got.keys()
+    for key in got:
+        np.testing.assert_array_equal(again[key], got[key], err_msg=key)
+
+
+def one_device_finetune(files: Path, replicas: int, epochs: int) -> dict[str, np.ndarray]:
+    """The weights `replicas` data-parallel replicas reach together (what finetune.run trains), on one
+    device: every step each replica's batch through the plain model with the step's dropout mask, the
+    gradients averaged (hvd.DistributedOptimizer), one AdamW update at the scaled rate."""
+    from hvdinfer.parallel.data_parallel import LinearWarmup
+    from hvdinfer.tasks import finetune
+    from models import weights
+
+    cfg = finetune.FinetuneConfig(model=str(files / "bert"), train=files / "train.jsonl", eval=files / "eval.jsonl",
+                                  output_dir=files, **{**TRAINING, "epochs": epochs})
+    train, _, labels = finetune.load_data(cfg)
+    model, tokenizer, _ = finetune.build_model(cfg, labels, "fp32")
+    token_ids, _ = tokenizer.encode_ids(train.texts, cfg.max_length)
+    feeds = [finetune.batches_from(finetune.Position(0), cfg, train, token_ids, tokenizer.pad_id, replicas, r)
+             for r in range(replicas)]
+    optimizer = tf.keras.optimizers.AdamW(LinearWarmup(cfg.lr * replicas, cfg.warmup_steps),
+                                          weight_decay=cfg.weight_decay)
+    losses = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    variables = model.trainable_variables
+    for step in range(epochs * finetune.steps_per_epoch(len(train.texts), replicas, cfg.batch_size)):
+        total = None
+        for feed in feeds:
+            inputs, labels_ = next(feed)
+            model.dropout.counter.assign(step)  # each replica draws this step's mask
+            with tf.GradientTape() as tape:
+                loss = losses(labels_, model(inputs, training=True))
+            grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+        optimizer.apply_gradients(zip([g / replicas for g in total], variables))
+    return {**weights.hf_tensors(model.embedder), "classifier.weight": model.classifier.kernel.numpy().T,
+            "classifier.bias": model.classifier.bias.numpy()}
+
+
+def rank_slice(full: np.ndarray, spec, tp: int, tp_rank: int) -> np.ndarray:
+    """Rank tp_rank's slice of a tensor in checkpoint layout (what it should hold of it)."""
+    from hvdinfer.parallel import tensor_parallel
+
+    if spec is None:
+        return full
+    axis, parts = spec
+    ranges = tensor_parallel.shard_ranges(full.shape[axis], parts, tp, tp_rank)
+    return np.concatenate([np.take(full, np.arange(a, b), axis=axis) for a, b in ranges], axis=axis)
+
+
+def check_tp_classifier(files: Path, row: Row, out: Path) -> None:
+    """Every rank: the tensor-parallel classifier for training holds its slice of the single-device
+    model's weights, gets its slice of the single-device gradients (dropout on; the replicated ones bit
+    for bit the same on every rank), is gathered whole, refuses replicated weights that differ; the
+    tuned directory is the whole model (it loads without --tp) and classifies the same with --tp."""
+    from hvdinfer.parallel import parallelize, sharded_state
+    from hvdinfer.parallel.dims import ParallelConfig
+
+    config = ParallelConfig(row.pp, row.tp, row.micro_batches)
+    labels = ["neg", "pos"]
+    embedder, tokenizer, _ = loading.load_sentence_embedder(files / "bert")
+    tf.keras.utils.set_random_seed(7)
+    plain = bert.build(heads.TextClassifier(embedder, labels, 0.1, 7))
+    sharded, _, _ = parallelize.classifier_for_training(files / "bert", labels, 0.1, 7, config)
+    group = sharded.runner.group
+    mine = sharded_state.classifier_entries(sharded.inner)
+    theirs = {e.key: e for e in sharded_state.classifier_entries(plain)}
+    for e in mine:
+        want = rank_slice(theirs[e.key].stored(theirs[e.key].variable.numpy()), e.spec, row.tp, group.tp_rank)
+        np.testing.assert_array_equal(e.stored(e.variable.numpy()), want, err_msg=e.key)
+    ids, _ = tokenizer.encode_ids(["the cat sat", "a dog", "the mat on a dog", "cat", "run the dog"], 16)
+    batch = np.stack([np.array(i + [0] * (8 - len(i)), np.int32) for i in ids])
+    inputs = {"input_ids": batch, "attention_mask": (batch != 0).astype(np.int32)}
+    y = np.array([1, 0, 0, 1, 0])
+    losses = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    grads = {}
+    for name, model, entries in (("plain", plain, list(theirs.values())), ("tp", sharded, mine)):
+        trainable = [e for e in entries if e.variable.trainable]
+        with tf.GradientTape() as tape:
+            loss = losses(y, model(inputs, training=True))
+        values = tape.gradient(loss, [e.variable for e in trainable])
+        grads[name] = (float(loss), {e.key: e.stored(tf.convert_to_tensor(g).numpy())
+                                     for e, g in zip(trainable, values)})
+    assert abs(grads["plain"][0] - grads["tp"][0]) < 1e-5
+    for e in mine:
+        if e.variable.trainable:
+            want = rank_slice(grads["plain"][1][e.key], e.spec, row.tp, group.tp_rank)
+            np.testing.assert_allclose(grads["tp"][1][e.key], want, atol=1e-5, err_msg=e.key)
+    replicated = sorted(e.key for e in mine if e.variable.trainable and e.spec is None)
+    digest = hashlib.sha256(b"".join(grads["tp"][1][k].tobytes() for k in replicated)).hexdigest()
+    assert len(set(allgather_json(digest))) == 1, "replicated gradients differ between ranks"
+    # Gathered whole: the single-device model's tensors; a replicated weight that differs is refused.
+    state = sharded_state.ShardedState(sharded, None, group)
+    state.gather()
+    for key, value in state.full.items():
+        np.testing.assert_array_equal(value, theirs[key].stored(theirs[key].variable.numpy()), err_msg=key)
+    assert bool(state.full) == (group.rank == 0)
+    if group.tp_rank == 1:
+        sharded.inner.classifier.bias.assign_add([1.0, 0.0])
+    if group.dp_rank == 0:
+        with pytest.raises(runtime.JobError, match="replicated tensor classifier.bias differs between the ranks"):
+            state.gather()
+    # The tuned directory: the whole model, which classifies the same with --tp.
+    allgather_json(0)
+    tuned, _, _ = loading.load_classifier(out)
+    split, _, _ = parallelize.load_embedder(out, True, config)
+    np.testing.assert_allclose(split.forward(inputs["input_ids"], inputs["attention_mask"]).numpy(),
                                tf.nn.softmax(tuned(inputs)).numpy(), atol=1e-5)
 
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 from hypothesis import given, settings, strategies as st
 
 from hvdinfer.parallel.data_parallel import LinearWarmup, scaled_learning_rate
-from hvdinfer.runtime import JobError, Runtime
+from hvdinfer.runtime import JobError
 from hvdinfer.tasks import finetune
 from hvdinfer.tasks.finetune import (FinetuneConfig, LabeledSet, Position, batches_from, classification_metrics,
                                      epoch_shard, last_checkpoint, load_data, mid_epoch_checkpoint_due,
@@ -94,11 +94,6 @@ def test_fewer_records_than_ranks_still_gives_every_rank_full_batches():
     assert set(parts[2].tolist()) == {0, 1}  # rank 2 has no record of its own: it repeats the epoch
 
 
-def rank_of(size, rank):
-    return Runtime(rank=rank, size=size, local_rank=rank, local_size=size, cross_size=1, intra_op_threads=1,
-                   inter_op_threads=1, device="/CPU:0", controller="mpi")
-
-
 def take(batches, count):
     return list(itertools.islice(batches, count))
 
@@ -112,11 +107,10 @@ def test_a_mid_epoch_resume_trains_the_batches_a_straight_run_would_have_next(tm
     cfg = FinetuneConfig(model="m", train=tmp_path, eval=tmp_path, output_dir=tmp_path, batch_size=batch, seed=5)
     steps = steps_per_epoch(n, size, batch)
     for rank in range(size):
-        rt = rank_of(size, rank)
-        straight = take(batches_from(Position(0), cfg, data, token_ids, 0, rt), 3 * steps)
+        straight = take(batches_from(Position(0), cfg, data, token_ids, 0, size, rank), 3 * steps)
         for start in (Position(0, 1), Position(0, steps - 1), Position(1), Position(1, 2), Position(2, steps - 1)):
             done = start.step(steps)
-            resumed = take(batches_from(start, cfg, data, token_ids, 0, rt), 3 * steps - done)
+            resumed = take(batches_from(start, cfg, data, token_ids, 0, size, rank), 3 * steps - done)
             for (inputs, labels), (want_inputs, want_labels) in zip(resumed, straight[done:], strict=True):
                 np.testing.assert_array_equal(labels, want_labels)
                 assert sorted(inputs) == sorted(want_inputs)
