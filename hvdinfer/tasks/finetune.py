@@ -52,7 +52,7 @@ from hvdinfer.data.shard import deal_wrapped
 from hvdinfer.engine import checkpoints
 from hvdinfer.engine import job as engine_job
 from hvdinfer.engine import watchdog
-from hvdinfer.engine.keras_beat import WatchdogBeat
+from hvdinfer.engine.keras_beat import TrainingProgress, WatchdogBeat
 from hvdinfer.parallel.dims import ParallelConfig
 from hvdinfer.runtime import JobError
 
@@ -483,7 +483,8 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     steps = steps_per_epoch(len(train.texts), replica.count, cfg.batch_size)
     identity = training_identity(cfg, labels, rt.size, train, precision)
     job = Training(cfg, rt, replica, tokenizer, evaluation, labels, ckpt, identity, precision_reason, steps, sharded)
-    callbacks = callbacks + [WatchdogBeat(), EvaluateAndCheckpoint(job, start, history)]
+    progress = TrainingProgress(Position(cfg.epochs).step(steps), start.step(steps), enabled=rt.is_coordinator)
+    callbacks = callbacks + [WatchdogBeat(), progress, EvaluateAndCheckpoint(job, start, history)]
     verbose = 2 if rt.is_coordinator else 0
     began = time.perf_counter()
     epoch = start.epoch
@@ -496,6 +497,7 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
         model.fit(batches_from(Position(epoch), cfg, train, token_ids, tokenizer.pad_id, replica.count, replica.index),
                   steps_per_epoch=steps, epochs=cfg.epochs, initial_epoch=epoch, callbacks=callbacks, verbose=verbose)
     seconds = time.perf_counter() - began
+    progress.close()
     if sharded is not None:
         sharded.gather(optimizer=False)  # Horovod: the full encoder from the first group's shards
     if rt.is_coordinator:

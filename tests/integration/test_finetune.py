@@ -168,6 +168,7 @@ def test_a_run_killed_after_a_mid_epoch_checkpoint_resumes_to_the_straight_runs_
     assert proc.returncode == 0, proc.all
     assert f"resumed from {out / 'checkpoints' / 'step-00000002'} (0 of 2 epochs done, then 2 step(s))" in proc.stderr
     assert "checkpoint step-00000004: step 1 of epoch 2" in proc.stderr
+    assert "progress: 6/6 steps (100.0%)" in proc.stderr, proc.all  # the run's steps, the resumed 2 included
     assert checkpoints(out) == ["epoch-0001", "epoch-0002"]  # an epoch checkpoint makes mid-epoch ones stale
     for name in ("model.safetensors", "classifier.safetensors"):
         want, got = safetensors.numpy.load_file(str(straight / name)), safetensors.numpy.load_file(str(out / name))
