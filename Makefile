@@ -1,7 +1,7 @@
 # hvdinfer: build, test, demo, bench. Every target sets up what it needs from nothing.
 #   make demo    the main job, from scratch
 #   make lm      train a GPT-2-layout model on Shakespeare, NP ranks, LM_MINUTES (20) -> runs/lm/model
-#   make test    install, unit tests, then the parallel tests under mpirun (one mpirun per file)
+#   make test    install, unit tests, the parallel tests (size 1, mpirun -np 2 and 3), integration, multi-host
 #   make bench   side-by-side ratios (JSON + PNG under bench-out/), the peer in .venv-peer (make peer-env)
 #   make install idempotent: apt MPI, .venv, pinned stack, Horovod 0.28.1 from source, hvdinfer
 
@@ -72,13 +72,12 @@ doctor: install
 unit: install
 	$(PYTEST) tests/unit
 
-# One mpirun per test file: size 1 under plain pytest first, then 2 ranks, then 3 where uneven shards matter.
+# Every file under plain pytest (size 1), then under one mpirun of 2 ranks, then the files that mark
+# NP3 = True (uneven shards) under one mpirun of 3: three launches instead of one per file and size.
 parallel: install
-	for f in tests/parallel/test_*.py; do \
-		echo "== $$f (size 1)"; $(PYTEST) $$f; \
-		echo "== $$f (mpirun -np 2)"; $(MPIRUN) -np 2 $(PYTEST) $$f; \
-		if grep -q "^NP3 = True" $$f; then echo "== $$f (mpirun -np 3)"; $(MPIRUN) -np 3 $(PYTEST) $$f; fi; \
-	done
+	echo "== tests/parallel (size 1)"; $(PYTEST) tests/parallel
+	echo "== tests/parallel (mpirun -np 2)"; $(MPIRUN) -np 2 $(PYTEST) tests/parallel
+	echo "== tests/parallel, NP3 files (mpirun -np 3)"; $(MPIRUN) -np 3 $(PYTEST) $$(grep -l "^NP3 = True" tests/parallel/test_*.py)
 
 integration: install
 	$(PYTEST) tests/integration
