@@ -76,11 +76,12 @@ def truncated_count(model_dir, texts):
     return int(loading.load_sentence_embedder(model_dir)[1].encode_batch(texts).truncated.sum())
 
 
-def test_results_are_complete_ordered_and_the_same_for_any_number_of_ranks(tmp_path, model_dir, good_input, texts):
+def test_results_are_complete_ordered_and_equal_an_independent_forward(tmp_path, model_dir, good_input, texts):
+    # 1 and 3 ranks (uneven shards); test_infer_engine.py shows every rank count and schedule gives the same bytes.
     want = reference(model_dir, texts)
     truncated = truncated_count(model_dir, texts)
     assert 0 < truncated < len(texts)
-    for np_ in (1, 2, 3):
+    for np_ in (1, 3):
         out = tmp_path / f"out{np_}.jsonl"
         proc = infer(np_, "--model", model_dir, "--input", good_input, "--output", out, "--batch-size", 4)
         assert proc.returncode == 0, proc.all
