@@ -198,26 +198,15 @@ def job_breakdown(run: dict) -> dict:
 
     prefill, steps, choose = s("_CachedSteps.first"), s("_CachedSteps.next"), s("choose_tokens")
     phases = {
-        "launch (mpirun to rank 0 process)": r0["process_start"] - run["launched"],
-        "interpreter start": r0["probe_start"] - r0["process_start"],
-        "import tensorflow": r0["tensorflow_imported"] - r0["probe_start"],
-        "import hvdinfer": r0["hvdinfer_imported"] - r0["tensorflow_imported"],
-        "runtime start (MPI, Horovod, watchdog)": s("start"),
-        "precision agreement": s("resolve_precision"),
-        "model load": s("load_model"),
-        "indexing": s("index_input"),
-        "record check": s("check_records"),
-        "plan to workers": s("plan_job") - s("index_input") - s("check_records"),
-        "journal open": s("DiskJournal.__init__"),
+        **probe.startup_phases(run),
+        **probe.planning_phases(run),
         "chunks: prefill": prefill,
         "chunks: decode steps": steps,
         "chunks: host sampling + stop rules": choose,
         "chunks: rest of each batch (padding, rows, results)": s("generate_batch") - prefill - steps - choose,
         "chunks: rest of each chunk": s("PromptChunks.compute") - s("generate_batch"),
         "chunks: rank 0 other (waiting for workers, hand-offs)": s("run_chunks") - s("PromptChunks.compute"),
-        "output writing (journal reads included)": s("write_output"),
-        "journal removal": s("DiskJournal.close"),
-        "exit (MPI finalize, mpirun)": run["ended"] - r0["main_returned"],
+        **probe.ending_phases(run),
     }
     phases["other"] = run["wall_seconds"] - sum(phases.values())
     calls = r0["calls"].get("_CachedSteps.next", {})

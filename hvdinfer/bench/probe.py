@@ -173,6 +173,41 @@ def seconds(rank: dict, name: str) -> float:
     return rank["calls"].get(name, {}).get("seconds", 0.0)
 
 
+def startup_phases(run: dict) -> dict[str, float]:
+    """The coordinator's phases from the launch to its model being loaded."""
+    r0 = run["ranks"][0]
+    return {
+        "launch (mpirun to rank 0 process)": r0["process_start"] - run["launched"],
+        "interpreter start": r0["probe_start"] - r0["process_start"],
+        "import tensorflow": r0["tensorflow_imported"] - r0["probe_start"],
+        "import hvdinfer": r0["hvdinfer_imported"] - r0["tensorflow_imported"],
+        "runtime start (MPI, Horovod, watchdog)": seconds(r0, "start"),
+        "precision agreement": seconds(r0, "resolve_precision"),
+        "model load": seconds(r0, "load_model"),
+    }
+
+
+def planning_phases(run: dict) -> dict[str, float]:
+    """The coordinator's phases from indexing the input to the journal being open."""
+    s = functools.partial(seconds, run["ranks"][0])
+    return {
+        "indexing": s("index_input"),
+        "record check": s("check_records"),
+        "plan to workers": s("plan_job") - s("index_input") - s("check_records"),
+        "journal open": s("DiskJournal.__init__"),
+    }
+
+
+def ending_phases(run: dict) -> dict[str, float]:
+    """The coordinator's phases from its last chunk to the launcher's exit."""
+    s = functools.partial(seconds, run["ranks"][0])
+    return {
+        "output writing (journal reads included)": s("write_output"),
+        "journal removal": s("DiskJournal.close"),
+        "exit (MPI finalize, mpirun)": run["ended"] - run["ranks"][0]["main_returned"],
+    }
+
+
 def breakdown(run: dict) -> dict[str, float]:
     """Where the coordinator's wall time went, launch to exit, in order; the phases add up to the
     launcher's wall time (`other` is what falls between probed calls). `overlapped` items ran on
@@ -181,23 +216,12 @@ def breakdown(run: dict) -> dict[str, float]:
     s = functools.partial(seconds, r0)
     chunks = s("run_chunks")
     phases = {
-        "launch (mpirun to rank 0 process)": r0["process_start"] - run["launched"],
-        "interpreter start": r0["probe_start"] - r0["process_start"],
-        "import tensorflow": r0["tensorflow_imported"] - r0["probe_start"],
-        "import hvdinfer": r0["hvdinfer_imported"] - r0["tensorflow_imported"],
-        "runtime start (MPI, Horovod, watchdog)": s("start"),
-        "precision agreement": s("resolve_precision"),
-        "model load": s("load_model"),
+        **startup_phases(run),
         "trace (first forward)": s("warm_up"),
-        "indexing": s("index_input"),
-        "record check": s("check_records"),
-        "plan to workers": s("plan_job") - s("index_input") - s("check_records"),
-        "journal open": s("DiskJournal.__init__"),
+        **planning_phases(run),
         "chunks: rank 0 model forward": s("TextChunks.compute"),
         "chunks: rank 0 other (waiting for workers, test sleeps, hand-offs)": chunks - s("TextChunks.compute"),
-        "output writing (journal reads included)": s("write_output"),
-        "journal removal": s("DiskJournal.close"),
-        "exit (MPI finalize, mpirun)": run["ended"] - r0["main_returned"],
+        **ending_phases(run),
     }
     phases["other"] = run["wall_seconds"] - sum(phases.values())
     overlapped = {"tokenise (rank 0 helper thread)": s("TextChunks.prepare"),
