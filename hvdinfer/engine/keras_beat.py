@@ -49,9 +49,14 @@ class TrainingProgress(tf.keras.callbacks.Callback):
     def __init__(self, total_steps: int, done_before: int = 0, enabled: bool = True, interval: float = 30.0):
         super().__init__()
         self.progress = Progress(total_steps, done_before, enabled, interval, desc="training", unit="steps")
+        self.traced = False
 
     def on_train_batch_end(self, batch, logs=None):
-        self.progress.update(1)
+        if self.traced:
+            self.progress.update(1)
+        else:  # the run's first step traced the training function: the rate starts after it
+            self.progress.untimed(1)
+            self.traced = True
 
     def close(self) -> None:
         self.progress.close()

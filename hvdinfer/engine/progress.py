@@ -50,6 +50,14 @@ class Progress:
         elif self.enabled and time.monotonic() - self.last_line >= self.interval:
             self._log()
 
+    def untimed(self, records: int) -> None:
+        """Count `records` as done but start the rate's clock after them (a first training step that
+        traced the graph says nothing about the rate to come)."""
+        self.done += records
+        self.start = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(records)
+
     def _log(self) -> None:
         self.last_line = time.monotonic()
         runtime.LOG.info(progress_line(self.done, self.total, self.fresh, self.last_line - self.start, self.unit))
