@@ -24,7 +24,8 @@ def progress_line(done: int, total: int, fresh: int, elapsed: float, unit: str =
     rate = fresh / elapsed if elapsed > 0 else 0.0
     share = 100.0 * done / total if total else 100.0
     eta = eta_text((total - done) / rate) if rate > 0 and done < total else "--"
-    return f"progress: {done:,}/{total:,} {unit} ({share:.1f}%), {rate:,.1f} {unit}/s, ETA {eta}"
+    shown = f"{rate:,.2f}" if rate < 10 else f"{rate:,.1f}"  # training runs a few steps a second
+    return f"progress: {done:,}/{total:,} {unit} ({share:.1f}%), {shown} {unit}/s, ETA {eta}"
 
 
 class Progress:

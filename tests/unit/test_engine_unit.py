@@ -178,6 +178,7 @@ def test_progress_line():
         "progress: 500/1,000 records (50.0%), 100.0 records/s, ETA 0m05s"
     assert progress.eta_text(3725) == "1h02m05s"
     assert "ETA --" in progress.progress_line(0, 10, 0, 0.0)
+    assert "0.35 steps/s" in progress.progress_line(7, 94, 7, 20.0, "steps")
 
 
 def test_a_heartbeat_exchange_blocked_in_mpi_is_reported_not_silent():
