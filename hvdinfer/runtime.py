@@ -18,6 +18,13 @@ The fix is where the spin happens: `init_runtime` asks Open MPI to yield the cor
 up to one cycle of latency to every collective; the Gloo controller does not spin.) Each rank also
 gets its share of the host's cores for TF's thread pools, so N ranks never run N x cores threads.
 
+Memory: TF's default CPU allocator takes large buffers from the OS and returns them when freed, so
+the kernel faults fresh zeroed pages in for the next ones: every training step's activations and
+gradients, and every Horovod allreduce's output tensor. `init_runtime` switches TF to its pooling
+BFC allocator (`TF_CPU_ALLOCATOR_USE_BFC=true`). Measured on this 2-core host (`hvdinfer bench
+comm`): fine-tuning steps 1.2x faster (1 and 2 ranks), a 64 MiB allreduce over a 1 Gbit/s link at
+the raw mpi4py speed (575 ms, was 620 ms), peak RSS within a few percent.
+
 Precision: `--precision auto` (the default) computes in bf16 only where the hardware does bf16
 arithmetic natively (a GPU of compute capability >= 8.0; a CPU with avx512_bf16 or amx_bf16) and in
 fp32 everywhere else: without those instructions TF emulates bf16, and fine-tuning ran 3.6x slower
@@ -152,6 +159,9 @@ def _set_horovod_env(config: RuntimeConfig) -> None:
     if config.tuned:
         # Open MPI: yield the core while waiting in a blocking call instead of spinning on it.
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+        # TF: pool CPU tensor memory (read at TF's first allocation, so before any op runs). The default
+        # allocator gives large buffers back to the OS and faults fresh pages in for the next ones.
+        os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 
 def init_runtime(config: RuntimeConfig | None = None) -> Runtime:

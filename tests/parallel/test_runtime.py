@@ -26,6 +26,13 @@ def test_horovod_env_defaults_are_set_before_init(rt):
     assert int(os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"]) == runtime.STALL_SHUTDOWN_SECONDS
 
 
+def test_cpu_tensors_come_from_tfs_pooling_allocator(rt):
+    assert os.environ["TF_CPU_ALLOCATOR_USE_BFC"] == "true"
+    tf.ones([256, 256])
+    # Only the BFC allocator keeps statistics; TF's default CPU allocator raises here.
+    assert tf.config.experimental.get_memory_info("CPU:0")["peak"] > 0
+
+
 def test_seed_is_the_same_on_every_rank(rt):
     runtime.seed_everything(7)
     draw = tf.random.uniform([3])
