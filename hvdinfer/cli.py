@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N optimizer steps, mid-epoch (default 0: at epoch ends only)")
+    p.add_argument("--grad-compression", default="none", choices=["none", "fp16"],
+                   help="gradients sent as fp16 (half the bytes): for links slower than about 1 Gbit/s between "
+                        "hosts, where the allreduce outlasts backprop (README: communication settings, measured)")
     _add_stall_flag(p)
     _add_precision_flag(p)
     _add_parallel_flags(p)
@@ -376,7 +379,7 @@ def dispatch(args: argparse.Namespace) -> int:
             lr=args.lr, no_lr_scaling=args.no_lr_scaling, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, dropout=args.dropout, max_length=args.max_length, seed=args.seed,
             resume=args.resume, checkpoint_every=args.checkpoint_every, precision=args.precision,
-            stall_timeout=args.stall_timeout, parallel=_parallel_config(args))
+            stall_timeout=args.stall_timeout, parallel=_parallel_config(args), grad_compression=args.grad_compression)
         summary = finetune.run(cfg, _runtime_config(args))
         if runtime.init_runtime().is_coordinator:
             print(f"finetune: {summary['epochs']} epoch(s) on {summary['ranks']} rank(s) in {summary['seconds']:.1f} s "

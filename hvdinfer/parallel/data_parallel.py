@@ -84,8 +84,11 @@ class BroadcastInProcessSet(tf.keras.callbacks.Callback):
         self.done = True
 
 
+GRADIENT_COMPRESSIONS = ("none", "fp16")
+
+
 def apply_data_parallel(optimizer: tf.keras.optimizers.Optimizer, sparse_as_dense: bool = False,
-                        group=None) -> tuple[tf.keras.optimizers.Optimizer, list]:
+                        group=None, compression: str = "none") -> tuple[tf.keras.optimizers.Optimizer, list]:
     """(distributed optimizer, callbacks) for `model.compile` / `model.fit` on every rank.
 
     The distributed optimizer is rebuilt from `optimizer.get_config()` (Horovod's way): settings
@@ -94,12 +97,19 @@ def apply_data_parallel(optimizer: tf.keras.optimizers.Optimizer, sparse_as_dens
     of allgathering their rows: cheaper when a batch touches most rows of a small table.
     `group` (a tensor_parallel.TPGroup) confines both to the ranks holding this rank's shard; with a
     single dp group there is nothing to average and the optimizer is returned as it is.
+    `compression` "fp16" sends the gradients as fp16 (half the bytes; cast back to fp32 after the
+    allreduce, so the update is computed in fp32 from gradients rounded to fp16).
     """
     import horovod.tensorflow.keras as hvd
 
+    if compression not in GRADIENT_COMPRESSIONS:
+        raise runtime.JobError(f"gradient compression must be one of {', '.join(GRADIENT_COMPRESSIONS)}, "
+                               f"not {compression!r}")
+    # Horovod: what the gradients are cast to on the wire.
+    codec = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
     if group is None:
         # Horovod: gradients averaged over ranks with allreduce before every update.
-        distributed = hvd.DistributedOptimizer(optimizer, sparse_as_dense=sparse_as_dense)
+        distributed = hvd.DistributedOptimizer(optimizer, sparse_as_dense=sparse_as_dense, compression=codec)
         # Horovod: start every rank from rank 0's variables (initial or restored from a checkpoint).
         broadcast = [hvd.callbacks.BroadcastGlobalVariablesCallback(0)]
         what = f"over {hvd.size()} ranks, broadcast from rank 0"
@@ -108,12 +118,14 @@ def apply_data_parallel(optimizer: tf.keras.optimizers.Optimizer, sparse_as_dens
         what = "not needed (one dp group; the tp ranks' shards are never averaged)"
     else:
         # Horovod: only the ranks holding the same shard average their gradients and share variables.
-        distributed = hvd.DistributedOptimizer(optimizer, sparse_as_dense=sparse_as_dense, process_set=replicas)
+        distributed = hvd.DistributedOptimizer(optimizer, sparse_as_dense=sparse_as_dense, process_set=replicas,
+                                               compression=codec)
         broadcast = [BroadcastInProcessSet(replicas, group.replica_root)]
         what = (f"over the {group.dims.dp} ranks holding this shard ({group.dims.dp_groups()[group.tp_rank]}), "
                 f"broadcast from rank {group.replica_root}")
     # Horovod: logged epoch metrics are the mean over ranks, not rank 0's shard alone (the tp ranks of
     # a group log the same values, so the mean is the mean over dp groups).
     callbacks = broadcast + [hvd.callbacks.MetricAverageCallback()]
-    runtime.LOG.info("applied data parallelism: DistributedOptimizer %s, metric averaging", what)
+    runtime.LOG.info("applied data parallelism: DistributedOptimizer %s, metric averaging%s", what,
+                     ", gradients sent as fp16" if compression == "fp16" and distributed is not optimizer else "")
     return distributed, callbacks

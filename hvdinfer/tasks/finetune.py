@@ -110,6 +110,8 @@ class FinetuneConfig:
     parallel: ParallelConfig = ParallelConfig()
     """Model parallelism: --pp K stages (with --micro-batches) on K devices per rank, --tp T ranks per model
     replica (ranks = dp x T)."""
+    grad_compression: str = "none"
+    """Gradients on the wire: none (fp32, exact) or fp16 (half the bytes, for slow links between hosts)."""
 
     def __post_init__(self):
         if self.task != "classify":
@@ -467,7 +469,7 @@ def run(cfg: FinetuneConfig, runtime_config: runtime.RuntimeConfig) -> dict:
     peak = data_parallel.scaled_learning_rate(cfg.lr, replica.count, not cfg.no_lr_scaling)
     optimizer, callbacks = data_parallel.apply_data_parallel(
         tf.keras.optimizers.AdamW(data_parallel.LinearWarmup(peak, cfg.warmup_steps), weight_decay=cfg.weight_decay),
-        group=group)
+        group=group, compression=cfg.grad_compression)
     model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     # Keras creates optimizer slots lazily; build them now so a checkpoint restores into real variables.
