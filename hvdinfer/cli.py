@@ -131,6 +131,23 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _tuning(text: str) -> tuple[int, float]:
+    from hvdinfer.bench import comm
+
+    try:
+        return comm.parse_tuning(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _env_pairs(text: str) -> dict[str, str]:
+    """"A=1,B=2" -> {"A": "1", "B": "2"}."""
+    pairs = [part.partition("=") for part in text.split(",") if part.strip()]
+    if any(not key.strip() or not sep for key, sep, _ in pairs):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {text!r}")
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
 def infer_choices(name: str) -> tuple[str, ...]:
     from hvdinfer.tasks import infer
 
@@ -283,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="side-by-side throughput ratios (JSON + PNG)")
     p.add_argument("which", nargs="?", default="all", choices=["all", "runtime", "infer", "finetune", "engine", "peer",
-                                                                "generate", "serve", "parallel"])
+                                                                "generate", "serve", "parallel", "comm"])
     p.add_argument("--np", type=int, default=2, help="ranks for the Horovod variants")
     p.add_argument("--records", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -315,6 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generate-batch-tokens", type=int, default=64, help="decoder: new tokens, batch 32 vs batch 1")
     g.add_argument("--generate-recompute-batch", type=int, default=4, help="decoder: batch of KV cache vs recompute")
     g.add_argument("--generate-size", default="gpt2", help="GPT size from the registry (debug: a quick smoke run)")
+    g = p.add_argument_group("comm bench (namespace hosts with shaped links)")
+    g.add_argument("--comm-parts", type=_names, default=("allreduce", "finetune", "local"),
+                   help="comm: which parts (allreduce, finetune: namespace hosts; local: this host)")
+    g.add_argument("--comm-steps", type=int, default=12, help="comm: timed fine-tuning steps per run")
+    g.add_argument("--comm-calls", type=int, default=8, help="comm: timed calls per allreduce method and size")
+    g.add_argument("--comm-tuning", type=_tuning, default=(32, 10.0), metavar="FUSION_MIB:CYCLE_MS",
+                   help="comm: the fusion threshold and cycle time tried on the 1 Gbit/s link (default 32:10)")
+    g.add_argument("--comm-local-env", type=_env_pairs, action="append", default=None, metavar="K=V,...",
+                   help="comm: settings to compare with the runtime's in fine-tuning on this host, 1 and 2 ranks "
+                        "(repeatable; default: TF_CPU_ALLOCATOR_USE_BFC=false, TF's own allocator)")
+    g.add_argument("--comm-timeline", action="store_true",
+                   help="comm: extra runs with rank 0's Horovod timeline, split into phases per step")
 
     p = sub.add_parser("demo", help="the main job end to end on --np ranks")
     p.add_argument("--np", type=int, default=2)
@@ -410,8 +439,8 @@ def dispatch(args: argparse.Namespace) -> int:
                   flush=True)
         return 0
     if args.command == "bench":
-        if args.np < 1 or args.repeats < 1:
-            raise runtime.JobError("--np and --repeats must be >= 1")
+        if args.np < 1 or args.repeats < 1 or args.comm_steps < 1 or args.comm_calls < 1:
+            raise runtime.JobError("--np, --repeats, --comm-steps and --comm-calls must be >= 1")
         if args.which == "serve":
             from hvdinfer.bench import serve as bench_serve
 
@@ -452,6 +481,12 @@ def dispatch(args: argparse.Namespace) -> int:
             from hvdinfer.bench import parallel as bench_parallel
 
             bench_parallel.bench_parallel(args.out, args.repeats)
+        if args.which in ("all", "comm"):
+            from hvdinfer.bench import comm as bench_comm
+
+            candidates = bench_comm.LOCAL_CANDIDATES if args.comm_local_env is None else args.comm_local_env
+            bench_comm.bench_comm(args.out, list(args.comm_parts), args.comm_steps, args.comm_calls, args.comm_tuning,
+                                  candidates, args.comm_timeline)
         return 0
     if args.command == "cluster":
         from hvdinfer import cluster

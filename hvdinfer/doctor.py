@@ -107,10 +107,12 @@ def selftest(rt: runtime.Runtime, repeats: int = 20, megabytes: int = 16) -> dic
         hvd.allreduce(small, op=hvd.Sum).numpy()
         latencies.append(time.perf_counter() - start)
     big = tf.ones([megabytes * 2**20 // 4])
-    hvd.allreduce(big, op=hvd.Sum).numpy()  # warm the buffers
+    hvd.allreduce(big, op=hvd.Sum)  # warm the buffers
     start = time.perf_counter()
     for _ in range(3):
-        hvd.allreduce(big, op=hvd.Sum).numpy()
+        # Eager ops return when done. No .numpy(): a 16 MiB copy into a fresh array is not the
+        # collective's time (it cost about a third of it on one host; `hvdinfer bench comm`).
+        hvd.allreduce(big, op=hvd.Sum)
     seconds = (time.perf_counter() - start) / 3
     # Bus bandwidth as nccl-tests defines it for allreduce: bytes * 2(n-1)/n per second.
     bus = megabytes * 2**20 * 2 * (n - 1) / max(n, 1) / seconds / 1e9

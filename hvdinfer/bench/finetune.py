@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def worker(args) -> int:
     optimizer = tf.keras.optimizers.AdamW(1e-5)
     callbacks = []
     if distributed:
-        optimizer, callbacks = data_parallel.apply_data_parallel(optimizer)
+        optimizer, callbacks = data_parallel.apply_data_parallel(optimizer, compression=args.compression)
     model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     data = runtime_bench.workload(args.batch, args.seq, model.config.vocab_size)
     labels = np.arange(args.batch) % 2
@@ -78,15 +79,37 @@ def worker(args) -> int:
     class Clock(tf.keras.callbacks.Callback):
         """Steady-state training: from the end of the second step to the end of the last."""
 
+        def on_train_begin(self, logs=None):
+            self.ends = []
+
         def on_train_batch_end(self, batch, logs=None):
             if batch == 1:
                 self.start = time.perf_counter()
             self.end = time.perf_counter()
+            if batch >= 1:
+                self.ends.append(self.end)
 
     clock = Clock()
     model.fit(batches, steps_per_epoch=args.records + 2, epochs=1, verbose=0, callbacks=callbacks + [clock])
     seconds = clock.end - clock.start
     if rank == 0:
         print(json.dumps({"seconds": seconds, "records_per_s": args.records * args.batch * size / seconds,
-                          "steps": args.records, "batch_per_rank": args.batch}), flush=True)
+                          "steps": args.records, "batch_per_rank": args.batch,
+                          "step_seconds": np.diff(clock.ends).tolist(), "compression": args.compression,
+                          "cores_per_rank": len(os.sched_getaffinity(0)), "thread_cpu_s": thread_cpu_seconds(),
+                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
+              flush=True)
     return 0
+
+
+def thread_cpu_seconds(top: int = 6) -> list[float]:
+    """CPU seconds used so far by this process's `top` busiest threads (/proc/self/task), busiest first."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        used.append((int(fields[11]) + int(fields[12])) / tick)
+    return sorted(used, reverse=True)[:top]
