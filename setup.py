@@ -27,5 +27,5 @@ setup(
         "pydantic>=2",
         "prometheus-client",
     ],
-    entry_points={"console_scripts": ["hvdinfer=hvdinfer.cli:main"]},
+    entry_points={"console_scripts": ["hvdinfer=hvdinfer.cli:entry"]},
 )

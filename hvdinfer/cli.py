@@ -374,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     return runtime.run_fail_fast(lambda: dispatch(args))
 
 
+def entry() -> None:
+    """The `hvdinfer` console script: main(), then the process ends without tearing TF down."""
+    runtime.exit_now(main())
+
+
 def _metric(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 

@@ -33,12 +33,14 @@ it this host's /proc/cpuinfo flags and GPUs.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -442,6 +444,28 @@ def abort_job(exc: BaseException, code: int = 1) -> NoReturn:
         print(failure_line(exc, rank, size), file=sys.stderr, flush=True)
     sys.stdout.flush()
     end_process(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process once a command has returned `code`, skipping the interpreter's teardown.
+
+    Everything a normal exit does that matters is done first, in its order: the command's
+    non-daemon threads are joined, the atexit handlers run (the watchdog's stop, Horovod's shutdown),
+    MPI is finalized if mpi4py started it, logs and stdio are flushed. What is skipped is Python
+    tearing down TensorFlow's modules and objects one by one: 1.2-1.4 s a process here, for nothing
+    (every output is already closed, fsynced and renamed into place before a command returns).
+    """
+    # The interpreter's own first two steps at exit, in its order (CPython's private calls): wake
+    # and join the non-daemon threads (concurrent.futures workers included), then the atexit handlers.
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpi4py finalizes in the interpreter's teardown, which os._exit skips
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_fail_fast(main: Callable[[], int | None]) -> int:

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "probe":
         from hvdinfer.bench import probe
 
-        return probe.run(args.out, args.args[1:] if args.args[:1] == ["--"] else args.args)
+        from hvdinfer import runtime
+
+        # Ends as the hvdinfer console script does, so the probed exit is the real one.
+        runtime.exit_now(probe.run(args.out, args.args[1:] if args.args[:1] == ["--"] else args.args))
     if args.mode == "generate":
         from hvdinfer.bench import generate
 
