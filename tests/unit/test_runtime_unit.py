@@ -108,3 +108,30 @@ def test_resolve_precision_reads_this_hosts_cpuinfo(monkeypatch, tmp_path, caplo
     with caplog.at_level("INFO", logger="hvdinfer"):
         assert runtime.resolve_precision("bf16")[0] == "bf16"
     assert any(r.levelname == "WARNING" and "lack native bf16" in r.getMessage() for r in caplog.records)
+
+
+def test_exit_now_finishes_threads_and_atexit_handlers_then_exits_with_the_code(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import atexit, concurrent.futures, threading, time
+        from pathlib import Path
+        from hvdinfer import runtime
+        out = Path({str(tmp_path)!r})
+        def late():
+            time.sleep(0.3)
+            (out / "thread").write_text("done")
+        threading.Thread(target=late).start()
+        pool = concurrent.futures.ThreadPoolExecutor(1)  # left open: its worker must not hold the exit
+        pool.submit(lambda: None).result()
+        atexit.register(lambda: (out / "atexit").write_text(str((out / "thread").exists())))
+        print("last line", flush=False)
+        runtime.exit_now(3)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "last line\n"  # flushed before the process ended
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "True"  # handlers run after the threads are joined
