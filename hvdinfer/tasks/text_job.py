@@ -166,7 +166,16 @@ def plan_job(cfg: TextJobConfig, rt: runtime.Runtime, link, most_per_chunk: int
     index = index_input(cfg)
     chunk_size = cfg.chunk_size or auto_chunk_size(index.records, cfg.batch_size, most_per_chunk)
     plan = index.chunks(chunk_size)
-    check_records(cfg, index, plan)
+    if cfg.on_error == "fail":
+        checked = {"input": index.identity(), "text_field": cfg.text_field, "id_field": cfg.id_field}
+        parts = journal_mod.journal_dir(cfg.output)
+        if cfg.resume and cfg.journal and journal_mod.records_checked(parts, checked):
+            runtime.LOG.info("--resume: every record of %s was checked when this job began; not parsed again",
+                             cfg.input)
+        else:
+            check_records(cfg, index, plan)
+            if cfg.journal:
+                journal_mod.note_records_checked(parts, checked)
     light = dataclasses.replace(index, offsets=index.offsets[:0], lines=index.lines[:0])
     for worker in range(1, rt.size):
         link.send((light, plan, chunk_size), worker, link_mod.BROADCAST)

@@ -107,6 +107,8 @@ def test_kill_9_of_a_rank_then_resume_gives_the_same_bytes(tmp_path, model_dir, 
     resumed = generate(2, *common(model_dir, prompts, out, "--resume"))
     assert resumed.returncode == 0, resumed.all
     assert out.read_bytes() == reference
+    # The first run checked every prompt before computing (--on-error fail): the resume does not again.
+    assert f"every record of {prompts} was checked when this job began; not parsed again" in resumed.all
 
 
 def test_bad_prompts_fail_before_compute_or_keep_their_place_with_skip(tmp_path, model_dir):

@@ -226,3 +226,18 @@ def test_training_progress_counts_steps_across_fits_and_logs_the_run(monkeypatch
     assert steps.progress.done == 8 and steps.progress.fresh == 4  # the first step (the trace) is not timed
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert len(lines) == 5 and lines[-1].startswith("progress: 8/12 steps (66.7%)")
+
+
+def test_records_checked_only_for_exactly_the_input_that_was_checked(tmp_path):
+    from hvdinfer.engine import journal
+
+    parts = tmp_path / "out.npy.parts"
+    checked = {"input": {"path": "in.jsonl", "format": "jsonl", "size": 10, "digest": "ab", "records": 2},
+               "text_field": "text", "id_field": "id"}
+    assert not journal.records_checked(parts, checked)  # no journal yet
+    journal.note_records_checked(parts, checked)
+    assert journal.records_checked(parts, checked)
+    for changed in ({**checked, "input": {**checked["input"], "digest": "cd"}}, {**checked, "text_field": "body"}):
+        assert not journal.records_checked(parts, changed)
+    (parts / journal.CHECKED_FILE).write_text('{"input": ')  # cut short: never trusted
+    assert not journal.records_checked(parts, checked)
