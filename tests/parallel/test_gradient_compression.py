@@ -34,3 +34,25 @@ def test_fp16_compression_averages_gradients_rounded_to_fp16(rt):
 def test_an_unknown_compression_is_refused(rt):
     with pytest.raises(JobError, match="gradient compression must be one of none, fp16, not 'int8'"):
         data_parallel.apply_data_parallel(tf.keras.optimizers.SGD(1.0), compression="int8")
+
+
+def test_autograph_leaves_horovod_alone_and_the_mean_still_holds_in_a_tf_function(rt):
+    import horovod.tensorflow as hvd
+    from tensorflow.python.autograph.impl import conversion
+
+    data_parallel.apply_data_parallel(tf.keras.optimizers.SGD(1.0))
+    data_parallel.apply_data_parallel(tf.keras.optimizers.SGD(1.0))  # a second call adds no second rule
+    assert conversion.is_allowlisted(hvd.allreduce)  # AutoGraph calls it as it is
+    from tensorflow.python.autograph.core import config
+    assert sum(getattr(r, "_prefix", None) == "horovod" for r in config.CONVERSION_RULES) == 1
+    var = tf.Variable([0.0, 0.0])
+    optimizer, _ = data_parallel.apply_data_parallel(tf.keras.optimizers.SGD(1.0))
+
+    @tf.function
+    def step(g):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(var * g)
+        optimizer.minimize(loss, [var], tape=tape)
+
+    step(tf.constant([1.0 + rt.rank, 2.0 * rt.rank]))  # traced: the allreduce inside a graph
+    np.testing.assert_allclose(-var.numpy(), [1.0 + (rt.size - 1) / 2, rt.size - 1.0], rtol=1e-7)
