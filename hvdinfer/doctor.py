@@ -85,6 +85,11 @@ def check_install(flags: dict[str, list[str]]) -> None:
         raise JobError(f"Horovod was built without {', '.join(sorted(missing))}; run `make clean install`")
 
 
+def bus_bandwidth(nbytes: int, seconds: float, ranks: int) -> float:
+    """Allreduce bus bandwidth in bytes/s as nccl-tests defines it: bytes x 2(n-1)/n per second."""
+    return nbytes * 2 * (ranks - 1) / ranks / seconds
+
+
 def selftest(rt: runtime.Runtime, repeats: int = 20, megabytes: int = 16) -> dict:
     """Verified allreduce, allgather and broadcast across all ranks, with latency and bandwidth."""
     import horovod.tensorflow as hvd
@@ -114,8 +119,7 @@ def selftest(rt: runtime.Runtime, repeats: int = 20, megabytes: int = 16) -> dic
         # collective's time (it cost about a third of it on one host; `hvdinfer bench comm`).
         hvd.allreduce(big, op=hvd.Sum)
     seconds = (time.perf_counter() - start) / 3
-    # Bus bandwidth as nccl-tests defines it for allreduce: bytes * 2(n-1)/n per second.
-    bus = megabytes * 2**20 * 2 * (n - 1) / max(n, 1) / seconds / 1e9
+    bus = bus_bandwidth(megabytes * 2**20, seconds, max(n, 1)) / 1e9
     return {"allreduce_latency_ms": 1e3 * statistics.median(latencies),
             "allreduce_MiB": megabytes, "allreduce_seconds": seconds, "bus_bandwidth_GBps": bus}
 

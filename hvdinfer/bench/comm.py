@@ -47,6 +47,7 @@ import numpy as np
 
 from hvdinfer import cluster as cluster_mod
 from hvdinfer.bench import report as report_mod
+from hvdinfer.doctor import bus_bandwidth  # as doctor --selftest reports it
 
 PARTS = ("allreduce", "finetune", "local")
 LINKS = {"10gbit": cluster_mod.Shape(delay="0.1ms", rate="10gbit"),
@@ -139,11 +140,6 @@ def local_rows(candidates: list[dict], timeline: bool = False) -> list[Row]:
 
 
 # ---------------------------------------------------------------- pure parts (unit-tested)
-
-def bus_bandwidth(nbytes: int, seconds: float, ranks: int) -> float:
-    """Allreduce bus bandwidth in bytes/s as nccl-tests defines it: bytes x 2(n-1)/n per second."""
-    return nbytes * 2 * (ranks - 1) / ranks / seconds
-
 
 def parse_tuning(text: str) -> tuple[int, float]:
     """"32:10" -> (32, 10.0): a fusion threshold in MiB and a cycle time in ms."""

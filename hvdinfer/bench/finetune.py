@@ -51,11 +51,11 @@ def worker(args) -> int:
     """`args.records` optimizer steps of `args.batch` fixed-length records per rank (after 2 warm-up steps)."""
     import tensorflow as tf
 
+    from hvdinfer import runtime
     from models import bert, heads, registry
 
     distributed = args.mode == "train"
     if distributed:
-        from hvdinfer import runtime
         from hvdinfer.parallel import data_parallel
 
         rt = runtime.init_runtime(runtime.RuntimeConfig(intra_op_threads=args.threads, inter_op_threads=1))
@@ -96,7 +96,7 @@ def worker(args) -> int:
         print(json.dumps({"seconds": seconds, "records_per_s": args.records * args.batch * size / seconds,
                           "steps": args.records, "batch_per_rank": args.batch,
                           "step_seconds": np.diff(clock.ends).tolist(), "compression": args.compression,
-                          "cores_per_rank": len(os.sched_getaffinity(0)), "thread_cpu_s": thread_cpu_seconds(),
+                          "cores_per_rank": runtime.host_cores(), "thread_cpu_s": thread_cpu_seconds(),
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
               flush=True)
     return 0

@@ -142,8 +142,14 @@ def compressed(path: Path) -> bool:
 
 def check_records(cfg: TextJobConfig, index: chunks.InputIndex, plan: list[chunks.Chunk]) -> None:
     """With --on-error fail: every record parsed before any compute; the first bad one ends the job
-    naming file, line and field (with --on-error skip bad records are counted as chunks compute)."""
+    naming file, line and field (with --on-error skip bad records are counted as chunks compute).
+    The journal notes the input that passed, so a --resume of the job does not parse it all again."""
     if cfg.on_error == "skip":
+        return
+    checked = {"input": index.identity(), "text_field": cfg.text_field, "id_field": cfg.id_field}
+    parts = journal_mod.journal_dir(cfg.output)
+    if cfg.resume and cfg.journal and journal_mod.records_checked(parts, checked):
+        runtime.LOG.info("--resume: every record of %s was checked when this job began; not parsed again", cfg.input)
         return
     first, count = None, 0
     for chunk in plan:
@@ -155,6 +161,8 @@ def check_records(cfg: TextJobConfig, index: chunks.InputIndex, plan: list[chunk
     if count:
         more = count - 1
         raise JobError(first + (f" (and {more} more bad records; --on-error skip keeps going)" if more else ""))
+    if cfg.journal:
+        journal_mod.note_records_checked(parts, checked)
 
 
 def plan_job(cfg: TextJobConfig, rt: runtime.Runtime, link, most_per_chunk: int
@@ -166,16 +174,7 @@ def plan_job(cfg: TextJobConfig, rt: runtime.Runtime, link, most_per_chunk: int
     index = index_input(cfg)
     chunk_size = cfg.chunk_size or auto_chunk_size(index.records, cfg.batch_size, most_per_chunk)
     plan = index.chunks(chunk_size)
-    if cfg.on_error == "fail":
-        checked = {"input": index.identity(), "text_field": cfg.text_field, "id_field": cfg.id_field}
-        parts = journal_mod.journal_dir(cfg.output)
-        if cfg.resume and cfg.journal and journal_mod.records_checked(parts, checked):
-            runtime.LOG.info("--resume: every record of %s was checked when this job began; not parsed again",
-                             cfg.input)
-        else:
-            check_records(cfg, index, plan)
-            if cfg.journal:
-                journal_mod.note_records_checked(parts, checked)
+    check_records(cfg, index, plan)
     light = dataclasses.replace(index, offsets=index.offsets[:0], lines=index.lines[:0])
     for worker in range(1, rt.size):
         link.send((light, plan, chunk_size), worker, link_mod.BROADCAST)
