@@ -24,10 +24,13 @@ the host runs under `taskset` with them (mpirun on the first host, the daemons n
 the others, and so every rank), so two 1-core hosts compute like two machines instead of sharing
 both cores; the runtime's thread plan follows the affinity (`runtime.host_cores`).
 
-Shaping is on each host's egress, so both directions of a link are shaped once. --delay and --loss
-need the kernel's netem qdisc (CONFIG_NET_SCH_NETEM); a kernel without it (as this project's CI VM
-kernel) gets --rate from a token bucket (`tbf`, burst = 4 ms at the rate, queue 10 ms), and a
---delay or --loss is refused with that reason rather than silently dropped.
+Shaping is on each host's egress, so both directions of a link are shaped once. Where the kernel has
+the netem qdisc, every setting is netem's. This project's CI VM kernel has no netem (and no fq: only
+tbf and htb), so there a --rate alone is a token bucket (`tbf`, burst = 4 ms at the rate, queue 10
+ms), and a --delay or --loss makes each host's eth0 a TUN device served by `hvdinfer.wire`, a
+userspace wire that delays, rate-limits and drops packets (one process in the switch namespace, in
+place of the bridge). The wire runs on the ranks' cores: a third to a half of a core at 1 Gbit/s here,
+and at most about 3.5 Gbit/s on this 2-core machine (README, Launch).
 """
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ import os
 import re
 import shutil
 import signal
+import select
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -68,18 +73,31 @@ class Shape:
                 args += [key, getattr(self, key)]
         return args
 
-    def qdisc_args(self, netem: bool) -> list[str]:
-        """The root qdisc for a host's eth0: netem with every setting, or (no netem in the kernel) tbf
-        for a rate alone, its bucket 4 ms at the rate (a 250 Hz kernel's tick) and at most 10 ms queued."""
+    def how(self, netem: bool) -> str:
+        """How the links are shaped: "" (not at all), "netem", "tbf" (a rate alone, no netem) or "wire"
+        (a delay or loss without netem: hvdinfer.wire)."""
         if not self.netem_args():
-            return []
+            return ""
         if netem:
+            return "netem"
+        return "wire" if self.delay or self.loss else "tbf"
+
+    def qdisc_args(self, netem: bool) -> list[str]:
+        """The root qdisc for a host's eth0 ([] when there is none: unshaped, or shaped by the wire):
+        netem with every setting, or tbf for a rate alone, its bucket 4 ms at the rate (a 250 Hz
+        kernel's tick) and at most 10 ms queued."""
+        how = self.how(netem)
+        if how == "netem":
             return ["netem", *self.netem_args()]
-        if self.delay or self.loss:
-            raise JobError("this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM), so --delay and --loss cannot be "
-                           "emulated here; --rate alone is shaped with tbf")
+        if how != "tbf":
+            return []
         burst = max(64 * 1024, int(self.rate_bytes_per_s() * 0.004))
         return ["tbf", "rate", self.rate, "burst", str(burst), "latency", "10ms"]
+
+    def wire_args(self) -> list[str]:
+        """hvdinfer.wire's flags for this shape (its queue limit is netem's default, 1000 packets)."""
+        return ["--delay", repr(self.delay_s()), "--rate", repr(self.rate_bytes_per_s() or 0.0),
+                "--loss", repr(self.loss_fraction())]
 
     def rate_bytes_per_s(self) -> float | None:
         """The rate in bytes/s as tc reads it (bit units SI: 1gbit = 1e9 bit/s; bps units are bytes)."""
@@ -91,6 +109,13 @@ class Shape:
         """The one-way delay in seconds (0 when unshaped)."""
         return _quantity(self.delay, _TIME_UNITS, "delay") if self.delay else 0.0
 
+    def loss_fraction(self) -> float:
+        """The loss as a probability ("0.1%" -> 0.001; 0 when none)."""
+        loss = _quantity(self.loss, {"%": 0.01}, "loss") if self.loss else 0.0
+        if not 0 <= loss < 1:
+            raise JobError(f"--loss {self.loss!r}: expected a percentage below 100%")
+        return loss
+
 
 _RATE_UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "tbit": 1e12 / 8,
                "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9, "tbps": 1e12}
@@ -99,7 +124,7 @@ _TIME_UNITS = {"s": 1, "ms": 1e-3, "us": 1e-6}
 
 def _quantity(text: str, units: dict[str, float], what: str) -> float:
     """"10gbit" -> 1.25e9 with the rate units; "0.1ms" -> 1e-4 with the time units."""
-    found = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]+)", text.strip().lower())
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]+|%)", text.strip().lower())
     if not found or found.group(2) not in units:
         raise JobError(f"--{what} {text!r}: expected a number and one of {', '.join(units)}")
     return float(found.group(1)) * units[found.group(2)]
@@ -114,8 +139,9 @@ class Cluster:
     slots: int
     cpus: tuple[str, ...] = ()
     """Per host, the cores (a taskset list, e.g. "1" or "2,3") its processes run on; () = unpinned."""
-    qdisc: str = ""
-    """The root qdisc on every host's link, as given to tc ("" = unshaped)."""
+    shaping: str = ""
+    """How every host's link is shaped: the root qdisc as given to tc, or "wire ..." (hvdinfer.wire)
+    with the shape's settings; "" = unshaped."""
 
     @property
     def switch(self) -> str:
@@ -182,25 +208,32 @@ def up(hosts: int, slots: int, shape: Shape = Shape(), name: str | None = None, 
     cpus = cpu_plan(hosts, cpus_per_host, sorted(os.sched_getaffinity(0)))
     if cpus and shutil.which("taskset") is None:
         raise JobError("--cpus-per-host needs taskset (util-linux)")
-    qdisc = shape.qdisc_args(netem_available()) if shape.netem_args() else []
-    cluster = Cluster(name, tuple(f"{name}-h{i}" for i in range(hosts)), slots, cpus, " ".join(qdisc))
+    how = shape.how(netem_available()) if shape.netem_args() else ""
+    qdisc = shape.qdisc_args(how == "netem")
+    shaping = " ".join(qdisc) if qdisc else f"wire {' '.join(shape.netem_args())}" if how == "wire" else ""
+    cluster = Cluster(name, tuple(f"{name}-h{i}" for i in range(hosts)), slots, cpus, shaping)
     if cluster.switch in _namespaces():
         raise JobError(f"a cluster named {name} already exists; `hvdinfer cluster down --name {name}` first")
     try:
         _ip("netns", "add", cluster.switch)
-        _ip("-n", cluster.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", cluster.switch, "link", "set", "br0", "up")
-        for i, host in enumerate(cluster.hosts):
+        for host in cluster.hosts:
             _ip("netns", "add", host)
             _ip("-n", host, "link", "set", "lo", "up")
-            # Made inside the switch namespace (names there are private), then one end moved.
-            _ip("-n", cluster.switch, "link", "add", f"p{i}", "type", "veth", "peer", "name", f"e{i}")
-            _ip("-n", cluster.switch, "link", "set", f"e{i}", "netns", host)
-            _ip("-n", host, "link", "set", f"e{i}", "name", "eth0")
+        if how == "wire":
+            _start_wire(cluster, shape)  # every host's eth0 is a TUN the wire serves
+        else:
+            _ip("-n", cluster.switch, "link", "add", "br0", "type", "bridge")
+            _ip("-n", cluster.switch, "link", "set", "br0", "up")
+            for i, host in enumerate(cluster.hosts):
+                # Made inside the switch namespace (names there are private), then one end moved.
+                _ip("-n", cluster.switch, "link", "add", f"p{i}", "type", "veth", "peer", "name", f"e{i}")
+                _ip("-n", cluster.switch, "link", "set", f"e{i}", "netns", host)
+                _ip("-n", host, "link", "set", f"e{i}", "name", "eth0")
+                _ip("-n", cluster.switch, "link", "set", f"p{i}", "master", "br0")
+                _ip("-n", cluster.switch, "link", "set", f"p{i}", "up")
+        for i, host in enumerate(cluster.hosts):
             _ip("-n", host, "addr", "add", f"{cluster.address(i)}/24", "dev", "eth0")
             _ip("-n", host, "link", "set", "eth0", "up")
-            _ip("-n", cluster.switch, "link", "set", f"p{i}", "master", "br0")
-            _ip("-n", cluster.switch, "link", "set", f"p{i}", "up")
             if qdisc:
                 _tc(host, "qdisc", "add", "dev", "eth0", "root", *qdisc)
         _save(cluster, shape)
@@ -208,6 +241,25 @@ def up(hosts: int, slots: int, shape: Shape = Shape(), name: str | None = None, 
         down(cluster.name)
         raise
     return cluster
+
+
+def _start_wire(cluster: Cluster, shape: Shape, timeout: float = 20.0) -> None:
+    """Start hvdinfer.wire in the switch namespace (it lives until `down` kills what runs there) and
+    wait until it has made every host's eth0; its errors go to STATE_DIR/<name>-wire.log."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    log = STATE_DIR / f"{cluster.name}-wire.log"
+    argv = ["ip", "netns", "exec", cluster.switch, sys.executable, str(Path(__file__).with_name("wire.py")),
+            "--hosts", ",".join(cluster.hosts), "--subnet", SUBNET, *shape.wire_args()]
+    with open(log, "w") as errors:
+        wire = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # not in the caller's process group: Ctrl-C is down()'s
+    ready, _, _ = select.select([wire.stdout], [], [], timeout)
+    line = wire.stdout.readline().decode() if ready else ""
+    wire.stdout.close()
+    if line.strip() != "ready":
+        wire.kill()
+        wire.wait()
+        raise JobError(f"the userspace wire did not start within {timeout:.0f} s: {log.read_text().strip()[-500:]}")
 
 
 _NETEM: list[bool] = []
@@ -249,7 +301,7 @@ def load(name: str) -> Cluster:
     except FileNotFoundError:
         raise JobError(f"no cluster named {name} (made clusters: {', '.join(made()) or 'none'})") from None
     return Cluster(state["name"], tuple(state["hosts"]), state["slots"], tuple(state.get("cpus", ())),
-                   state.get("qdisc", ""))
+                   state.get("shaping", ""))
 
 
 def made() -> list[str]:
@@ -263,6 +315,7 @@ def down(name: str) -> None:
             _kill_processes_in(namespace)
             _ip("netns", "del", namespace, check=False)
     (STATE_DIR / f"{name}.json").unlink(missing_ok=True)
+    (STATE_DIR / f"{name}-wire.log").unlink(missing_ok=True)
 
 
 def _kill_processes_in(namespace: str) -> None:
@@ -273,6 +326,17 @@ def _kill_processes_in(namespace: str) -> None:
             os.kill(int(pid), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
+
+
+def switch_cpu_seconds(cluster: Cluster) -> float:
+    """CPU seconds (user + system) used so far by what runs in the switch namespace: the wire, when
+    it carries the links; it shares the ranks' cores, so benchmarks report it."""
+    total = 0.0
+    for pid in _ip("netns", "pids", cluster.switch, check=False).stdout.split():
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def set_link(cluster: Cluster, host: int, state: str) -> None:
@@ -328,7 +392,7 @@ def main(args) -> int:
     if args.action == "up":
         cluster = up(args.hosts, args.slots, shape, args.name, args.cpus_per_host)
         cores = f", cores {' | '.join(cluster.cpus)}" if cluster.cpus else ""
-        link = f", links: {cluster.qdisc}" if cluster.qdisc else ""
+        link = f", links: {cluster.shaping}" if cluster.shaping else ""
         print(f"cluster {cluster.name}: hosts {', '.join(cluster.hosts)} ({cluster.slots} slot(s) each{cores}{link})",
               flush=True)
         return 0

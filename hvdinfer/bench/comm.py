@@ -6,7 +6,8 @@
 Three parts, each variant its own process tree, one after another:
 
   allreduce  2 namespace hosts x 1 rank (hvdinfer cluster), each host pinned to a core of its own,
-             links shaped as 10 Gbit/s 0.1 ms and 1 Gbit/s 1 ms (tc netem): Horovod allreduce bus
+             links shaped as 10 Gbit/s 0.1 ms and 1 Gbit/s 1 ms (hvdinfer cluster: tc netem, or
+             hvdinfer.wire where the kernel has no netem): Horovod allreduce bus
              bandwidth for 16 and 64 MiB, measured as doctor --selftest does, next to a raw mpi4py
              Allreduce of the same buffer (alone, and beside Horovod's background thread in a run
              of its own), and again with TF's default allocator. Goal: >= 0.85 of the 1 Gbit/s link
@@ -24,8 +25,8 @@ Three parts, each variant its own process tree, one after another:
              default allocator instead of the runtime's pooling one; then fine-tuning on the host,
              1 rank and 2 ranks, with the runtime's defaults and with TF's default allocator.
 
-Where the kernel has no netem qdisc, the links get their rates (tbf) but not their delays, and the
-report says so (`delay_not_emulated`). Namespace hosts share this machine's cores; --cpus-per-host 1
+Each link's shaping (netem's qdisc, or the userspace wire's settings) is in the report
+(`links.<link>.shaping`). Namespace hosts share this machine's cores; --cpus-per-host 1
 (taskset) gives each its own, so a 2-host run computes on two cores like two machines and the
 1-host baseline on one. The 1-host baseline runs first and last; the scaling figures divide by the
 mean of the two (the drift between them is in the report, with the load average around every run),
@@ -265,9 +266,12 @@ def run_worker(name: str, flags: list[str], env: dict, cluster=None, np_: int = 
     result with the load average before and after."""
     before = load()
     if cluster is not None:
+        wire_before = cluster_mod.switch_cpu_seconds(cluster)
         with tempfile.TemporaryDirectory(prefix="hvdinfer-comm-") as scratch:
             cmd = cluster_mod.command(cluster, ["-m", "hvdinfer.bench", "worker", *flags])
             result = report_mod.run_json(name, cmd, _cluster_env(cluster, Path(scratch), np_, env), timeout)
+        if cluster.shaping.startswith("wire"):
+            result["wire_cpu_s"] = round(cluster_mod.switch_cpu_seconds(cluster) - wire_before, 2)
     else:
         cmd = report_mod.mpirun_prefix(np_) + report_mod.worker_command(flags)  # local ranks inherit env
         result = report_mod.run_json(name, cmd, report_mod.bench_env(**env), timeout)
@@ -322,19 +326,14 @@ def bench_comm(out: Path, parts: list[str], steps: int, calls: int, tuning: tupl
         print(f"bench comm: the namespace parts are skipped: {reason}", flush=True)
         report["skipped"] = reason
     name = f"cb{os.getpid() % 10**6}"
-    shapes = dict(LINKS)
-    if not reason and not cluster_mod.netem_available():
-        # No netem in this kernel: the rates are shaped (tbf), the delays cannot be; the report says so.
-        shapes = {k: dataclasses.replace(v, delay=None) for k, v in LINKS.items()}
-        report["delay_not_emulated"] = "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): rates only (tbf)"
-        print(f"bench comm: {report['delay_not_emulated']}", flush=True)
     if "finetune" in parts and not reason:
         report["finetune"]["1host/first"] = _baseline(steps, work, name)
-    for link, shape in shapes.items():
+    for link, shape in LINKS.items():
         if reason or not {"allreduce", "finetune"} & set(parts):
             break
         with cluster_mod.running(2, 1, shape, name, cpus_per_host=1) as cluster:
-            report["links"][link]["qdisc"] = cluster.qdisc
+            report["links"][link]["shaping"] = cluster.shaping
+            print(f"{link}: {cluster.shaping}", flush=True)
             if "allreduce" in parts and link in ALLREDUCE_LINKS:
                 report["allreduce"][link] = {}
                 for label, (env, methods) in LINK_RUNS.items():
