@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="embed", choices=infer_choices("TASKS"))
     p.add_argument("--batch-size", type=int, default=64, help="records per forward pass")
     p.add_argument("--max-length", type=int, default=0, help="tokens per text (default: the model's)")
+    p.add_argument("--xla", action="store_true",
+                   help="compile the forward with XLA: faster on long jobs, a few seconds of compiling per "
+                        "batch width on each rank (README: Distributed batch inference)")
     _add_precision_flag(p)
     _add_job_flags(p)
     _add_parallel_flags(p)
@@ -225,9 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="cluster name (default: hvd<pid>); `run` uses a cluster of "
                                                 "this name made by `up` and leaves it up")
     p.add_argument("--all", action="store_true", help="down: every cluster this tool made")
-    p.add_argument("--delay", default=None, help="one-way delay per link, e.g. 1ms (needs the kernel's netem)")
-    p.add_argument("--rate", default=None, help="rate per link, e.g. 1gbit (netem; tbf where the kernel has no netem)")
-    p.add_argument("--loss", default=None, help="packet loss per link, e.g. 0.1%% (needs the kernel's netem)")
+    p.add_argument("--delay", default=None, help="one-way delay per link, e.g. 1ms (netem; hvdinfer.wire where the kernel has no netem)")
+    p.add_argument("--rate", default=None, help="rate per link, e.g. 1gbit (netem; without netem: tbf, or the wire with --delay/--loss)")
+    p.add_argument("--loss", default=None, help="packet loss per link, e.g. 0.1%% (netem; hvdinfer.wire where the kernel has no netem)")
     p.add_argument("--cpus-per-host", type=int, default=0, metavar="K",
                    help="pin each host's processes to K cores of its own (taskset), so hosts do not share cores "
                         "(default 0: unpinned)")
@@ -393,7 +396,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "infer":
         from hvdinfer.tasks import infer
 
-        cfg = infer.InferConfig(task=args.task, max_length=args.max_length, **_text_job_args(args))
+        cfg = infer.InferConfig(task=args.task, max_length=args.max_length, xla=args.xla, **_text_job_args(args))
         infer.run(cfg, _runtime_config(args))
         return 0
     if args.command == "generate":
