@@ -174,9 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="embed", choices=infer_choices("TASKS"))
     p.add_argument("--batch-size", type=int, default=64, help="records per forward pass")
     p.add_argument("--max-length", type=int, default=0, help="tokens per text (default: the model's)")
-    p.add_argument("--xla", action="store_true",
-                   help="compile the forward with XLA: faster on long jobs, a few seconds of compiling per "
-                        "batch width on each rank (README: Distributed batch inference)")
     _add_precision_flag(p)
     _add_job_flags(p)
     _add_parallel_flags(p)
@@ -396,7 +393,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "infer":
         from hvdinfer.tasks import infer
 
-        cfg = infer.InferConfig(task=args.task, max_length=args.max_length, xla=args.xla, **_text_job_args(args))
+        cfg = infer.InferConfig(task=args.task, max_length=args.max_length, **_text_job_args(args))
         infer.run(cfg, _runtime_config(args))
         return 0
     if args.command == "generate":

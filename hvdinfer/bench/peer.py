@@ -12,7 +12,7 @@ fastest run (on a shared machine others' load only ever adds time):
   short  --peer-short-records short texts (5-25 words from a small vocabulary)
 
 hvdinfer: `hvdinfer infer` on --np ranks under mpirun, output .npy, launched through bench/probe.py
-so its wall time can be broken down by phase; and the same with `--xla` (side "hvdinfer xla"). The peer: bench/peer_st.py under .venv-peer's
+so its wall time can be broken down by phase. The peer: bench/peer_st.py under .venv-peer's
 Python, output .npy. End to end is the launcher's wall time, process start to output written and
 process gone; records/s is each side's compute phase (hvdinfer's chunks, the peer's `encode`).
 Both outputs are compared row by row (cosine), so both sides provably computed the same thing.
@@ -70,10 +70,9 @@ def run_peer(python: Path, model_dir: Path, source: Path, output: Path, max_leng
             "phases": phases, "torch_threads": result["torch_threads"], "versions": result["versions"]}
 
 
-def run_hvdinfer(np_: int, source: Path, output: Path, max_length: int, precision: str, work: Path,
-                 xla: bool = False) -> dict:
+def run_hvdinfer(np_: int, source: Path, output: Path, max_length: int, precision: str, work: Path) -> dict:
     argv = ["infer", "--model", "minilm-l6", "--input", str(source), "--output", str(output),
-            "--batch-size", str(BATCH), "--precision", precision, *(["--xla"] if xla else [])]
+            "--batch-size", str(BATCH), "--precision", precision]
     if max_length:
         argv += ["--max-length", str(max_length)]
     run = probe.launch(np_, argv, work / "probe")
@@ -126,37 +125,29 @@ def bench_peer(np_: int, out: Path, long_records: int, short_records: int, repea
     infer_bench.short_text_input(workloads["short (5-25 words)"][0], short_records)
     results: dict[str, dict] = {}
     for name, (source, max_length, records) in workloads.items():
-        runs: dict[str, list[dict]] = {"hvdinfer": [], "hvdinfer xla": [], "peer": []}
+        runs: dict[str, list[dict]] = {"hvdinfer": [], "peer": []}
         for round_ in range(repeats):
-            for side, xla in (("hvdinfer", False), ("hvdinfer xla", True)):
-                print(f"running {name}, {records} records ({round_ + 1} of {repeats}): {side} on {np_} ranks ...",
-                      flush=True)
-                output = report_mod.fresh_output(work / f"{side.replace(' ', '-')}.npy")
-                runs[side].append(run_hvdinfer(np_, source, output, max_length, precision, work, xla))
-                print(f"  {runs[side][-1]['wall_seconds']:.1f} s end to end", flush=True)
-            print("  peer ...", flush=True)
+            print(f"running {name}, {records} records ({round_ + 1} of {repeats}): hvdinfer on {np_} ranks ...",
+                  flush=True)
+            output = report_mod.fresh_output(work / "hvdinfer.npy")
+            runs["hvdinfer"].append(run_hvdinfer(np_, source, output, max_length, precision, work))
+            print(f"  {runs['hvdinfer'][-1]['wall_seconds']:.1f} s end to end; peer ...", flush=True)
             runs["peer"].append(run_peer(python, model_dir, source, work / "peer.npy", max_length))
             print(f"  {runs['peer'][-1]['wall_seconds']:.1f} s end to end", flush=True)
         best = {side: min(r, key=lambda x: x["wall_seconds"]) for side, r in runs.items()}
         results[name] = {**best, "records": records, "min_cosine": min_cosine(work / "hvdinfer.npy", work / "peer.npy"),
-                         "min_cosine_xla": min_cosine(work / "hvdinfer-xla.npy", work / "peer.npy"),
                          "runs_wall_seconds": {side: [x["wall_seconds"] for x in r] for side, r in runs.items()}}
     ratios = {}
     for name, r in results.items():
-        for side in ("hvdinfer", "hvdinfer xla"):
-            ratios[f"{name}: end to end, {side}/peer"] = r["peer"]["wall_seconds"] / r[side]["wall_seconds"]
-            ratios[f"{name}: compute records/s, {side}/peer"] = r[side]["records_per_s"] / r["peer"]["records_per_s"]
-    best_side = {name: max(("hvdinfer", "hvdinfer xla"), key=lambda side: ratios[f"{name}: end to end, {side}/peer"])
-                 for name in results}
-    goals = {name: {"value": ratios[f"{name}: end to end, {best_side[name]}/peer"], "side": best_side[name],
-                    "goal": f">= {GOAL:g}", "met": ratios[f"{name}: end to end, {best_side[name]}/peer"] >= GOAL}
-             for name in results}
+        ratios[f"{name}: end to end, hvdinfer/peer"] = r["peer"]["wall_seconds"] / r["hvdinfer"]["wall_seconds"]
+        ratios[f"{name}: compute records/s, hvdinfer/peer"] = r["hvdinfer"]["records_per_s"] / r["peer"]["records_per_s"]
+    goals = {name: {"value": ratios[f"{name}: end to end, hvdinfer/peer"], "goal": f">= {GOAL:g}",
+                    "met": ratios[f"{name}: end to end, hvdinfer/peer"] >= GOAL} for name in results}
     for name, r in results.items():
         print(f"  {name:20s} hvdinfer {r['hvdinfer']['wall_seconds']:6.1f} s ({r['hvdinfer']['records_per_s']:.1f} "
-              f"records/s compute), --xla {r['hvdinfer xla']['wall_seconds']:6.1f} s "
-              f"({r['hvdinfer xla']['records_per_s']:.1f}), peer {r['peer']['wall_seconds']:6.1f} s "
-              f"({r['peer']['records_per_s']:.1f} records/s), min cosine {r['min_cosine']:.6f} / {r['min_cosine_xla']:.6f}")
-    report_mod.print_ratios(ratios, 52)
+              f"records/s compute), peer {r['peer']['wall_seconds']:6.1f} s ({r['peer']['records_per_s']:.1f} "
+              f"records/s), min cosine {r['min_cosine']:.6f}")
+    report_mod.print_ratios(ratios, 48)
     short = results["short (5-25 words)"]["hvdinfer"]
     print("where hvdinfer's wall time goes, short texts (rank 0; s):")
     for phase, seconds in short["phases"].items():
@@ -178,12 +169,9 @@ def plot_peer(report: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2]})
     names = list(report["results"])
     x = np.arange(len(names))
-    labels = {"hvdinfer": f"hvdinfer, {report['np']} ranks", "hvdinfer xla": f"hvdinfer --xla, {report['np']} ranks",
-              "peer": "sentence-transformers"}
-    for offset, side, color in ((-0.27, "hvdinfer", "#dd8452"), (0.0, "hvdinfer xla", "#c44e52"),
-                                (0.27, "peer", "#4c72b0")):
-        bars = left.bar(x + offset, [report["results"][n][side]["wall_seconds"] for n in names], 0.27, color=color,
-                        label=labels[side])
+    for offset, side, color in ((-0.2, "hvdinfer", "#dd8452"), (0.2, "peer", "#4c72b0")):
+        bars = left.bar(x + offset, [report["results"][n][side]["wall_seconds"] for n in names], 0.4, color=color,
+                        label=f"hvdinfer, {report['np']} ranks" if side == "hvdinfer" else "sentence-transformers")
         left.bar_label(bars, fmt="%.1f")
     left.set_xticks(x, names)
     left.set_ylabel("end-to-end wall seconds")

@@ -49,20 +49,6 @@ def make_batches(indices: Sequence[int], token_ids: Sequence[Sequence[int]], bat
     return batches
 
 
-def pad_rows(input_ids: np.ndarray, attention_mask: np.ndarray, rows: int, pad_id: int = 0):
-    """The batch grown to `rows` rows (no change when it has as many or more) by rows of one
-    attended pad token, which the caller drops from the outputs: so a compiler that builds one program
-    per shape sees the chunk's short last batch as a full one."""
-    missing = rows - len(input_ids)
-    if missing <= 0:
-        return input_ids, attention_mask
-    width = input_ids.shape[1]
-    filler_ids = np.full((missing, width), pad_id, input_ids.dtype)
-    filler_mask = np.zeros((missing, width), attention_mask.dtype)
-    filler_mask[:, 0] = 1
-    return np.concatenate([input_ids, filler_ids]), np.concatenate([attention_mask, filler_mask])
-
-
 def padding_fraction(batches: Sequence[Batch]) -> float:
     """Share of computed token slots that are padding (0 = none wasted)."""
     total = sum(b.attention_mask.size for b in batches)

@@ -55,9 +55,6 @@ class InferConfig(text_job.TextJobConfig):
     """embed (sentence embeddings) or classify (needs a model directory with a classifier head)."""
     max_length: int = 0
     """Tokens per text after truncation; 0 = the model's own (256 for minilm-l6)."""
-    xla: bool = False
-    """Compile the forward with XLA (one program per batch width; short batches padded to --batch-size
-    rows). Its results differ from the graph's in the last bits, so it is part of the job's identity."""
 
     OUTPUT_SUFFIXES = output.SUFFIXES
 
@@ -69,8 +66,6 @@ class InferConfig(text_job.TextJobConfig):
             raise JobError(f"--max-length must be 0 (the model's) or >= 2, got {self.max_length}")
         if self.output.suffix == ".npy" and self.task != "embed":
             raise JobError("--output .npy holds embeddings only; use .jsonl or .parquet with --task classify")
-        if self.xla and self.parallel.enabled:
-            raise JobError("--xla compiles the one-device forward; it does not combine with --pp/--tp")
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -111,20 +106,19 @@ def load_model(cfg: InferConfig, precision: str) -> Loaded:
     max_length = cfg.max_length or info.max_seq_length
     if max_length > info.config.max_position:
         raise JobError(f"--max-length {max_length} exceeds the model's {info.config.max_position} positions")
-    forward = model.forward if cfg.parallel.enabled else compiled_forward(model, cfg.xla)
+    forward = model.forward if cfg.parallel.enabled else compiled_forward(model)
     return Loaded(model, tokenizer, max_length, getattr(model, "labels", None), model_dir, forward)
 
 
 @functools.lru_cache(maxsize=4)
-def compiled_forward(model, xla: bool = False):
-    """One traced function for every batch shape: embeddings, or class probabilities for a classifier.
-    With `xla`, XLA compiles it once per batch shape (fused kernels: see the README's measurements)."""
+def compiled_forward(model):
+    """One traced function for every batch shape: embeddings, or class probabilities for a classifier."""
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, None], tf.int32)
     probabilities = getattr(model, "labels", None) is not None
 
-    @tf.function(input_signature=[spec, spec], jit_compile=xla)
+    @tf.function(input_signature=[spec, spec])
     def forward(input_ids, attention_mask):
         out = model({"input_ids": input_ids, "attention_mask": attention_mask}, training=False)
         return tf.nn.softmax(out, axis=-1) if probabilities else out
@@ -154,11 +148,9 @@ class TextChunks(text_job.FileChunks):
         forward = self.loaded.forward
         width = len(self.loaded.labels) if self.loaded.labels else self.loaded.model.config.hidden_size
         values = np.full((len(records), width), np.nan, np.float32)
-        rows = self.cfg.batch_size if self.cfg.xla else 0  # XLA compiles per shape: every batch gets full rows
         for number, batch in enumerate(batches):
             watchdog.beat(f"computing chunk {chunk.id}, batch {number + 1} of {len(batches)}")
-            ids, mask = batching.pad_rows(batch.input_ids, batch.attention_mask, rows, self.loaded.tokenizer.pad_id)
-            values[batch.indices] = forward(ids, mask).numpy()[:len(batch.indices)]
+            values[batch.indices] = forward(batch.input_ids, batch.attention_mask).numpy()
         truncated = np.zeros(len(records), bool)
         truncated[good] = truncated_good
         return ChunkResult(len(records), {"values": values, "truncated": truncated},
@@ -206,7 +198,7 @@ def job_identity(cfg: InferConfig, index: chunks.InputIndex, chunk_size: int, pr
     return {"task": cfg.task, "model": cfg.model, "model_sha256": text_job.model_digest(loaded.model_dir),
             "input": index.identity(), "chunk_size": chunk_size, "batch_size": cfg.batch_size,
             "max_length": loaded.max_length, "precision": precision, "text_field": cfg.text_field,
-            "id_field": cfg.id_field, **({"xla": True} if cfg.xla else {}), **cfg.parallel.identity()}
+            "id_field": cfg.id_field, **cfg.parallel.identity()}
 
 
 def run(cfg: InferConfig, runtime_config: runtime.RuntimeConfig) -> dict:

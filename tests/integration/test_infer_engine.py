@@ -56,24 +56,6 @@ def test_any_schedule_and_any_number_of_ranks_writes_the_same_bytes(tmp_path, mo
         assert out.read_bytes() == reference, f"np {np_} {schedule} differs from 1 rank"
 
 
-def test_xla_gives_the_same_bytes_on_any_ranks_and_the_graphs_values(tmp_path, model_dir, source, reference):
-    """--xla: one compiled program per batch width (the short last batch of a chunk padded to full
-    rows), the same bytes whichever rank computes a chunk, values within float32 rounding of the graph's."""
-    outs = []
-    for np_, schedule in ((1, "static"), (2, "dynamic")):
-        outs.append(tmp_path / f"xla-{np_}.jsonl")
-        proc = infer(np_, *common(model_dir, source, outs[-1]), "--schedule", schedule, "--xla")
-        assert proc.returncode == 0, proc.all
-    assert outs[0].read_bytes() == outs[1].read_bytes()
-    got, want = ([json.loads(line) for line in path.splitlines()] for path in (outs[0].read_text(), reference.decode()))
-    def keys(rows):
-        return [(r["index"], r["id"], r.get("error")) for r in rows]
-
-    assert keys(got) == keys(want)
-    np.testing.assert_allclose([r.get("embedding", [0.0] * 32) for r in got],
-                               [r.get("embedding", [0.0] * 32) for r in want], atol=1e-5)
-
-
 def test_npy_and_parquet_hold_the_same_embeddings(tmp_path, model_dir, source, reference):
     rows = [json.loads(line) for line in reference.decode().splitlines()]
     want = np.array([r.get("embedding", [np.nan] * 32) for r in rows], np.float32)

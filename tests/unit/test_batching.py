@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from hvdinfer.data import batching
 from hvdinfer.data.batching import make_batches, padded_length, padding_fraction
 
 
@@ -37,15 +36,3 @@ def test_padded_length_and_bad_batch_size():
     assert [padded_length(n, 8) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         make_batches([0], [[1]], 0)
-
-
-def test_pad_rows_fills_a_short_batch_with_attended_pad_tokens():
-    ids = np.array([[5, 6, 0], [7, 0, 0]], np.int32)
-    mask = (ids != 0).astype(np.int32)
-    grown_ids, grown_mask = batching.pad_rows(ids, mask, 4, pad_id=0)
-    np.testing.assert_array_equal(grown_ids, [[5, 6, 0], [7, 0, 0], [0, 0, 0], [0, 0, 0]])
-    np.testing.assert_array_equal(grown_mask, [[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]])  # never an empty row
-    assert grown_ids.dtype == np.int32 and grown_mask.dtype == np.int32
-    same = batching.pad_rows(ids, mask, 2)
-    assert same[0] is ids and same[1] is mask
-    assert batching.pad_rows(ids, mask, 0)[0] is ids  # 0: no padding (the graph takes any shape)

@@ -241,23 +241,3 @@ def test_records_checked_only_for_exactly_the_input_that_was_checked(tmp_path):
         assert not journal.records_checked(parts, changed)
     (parts / journal.CHECKED_FILE).write_text('{"input": ')  # cut short: never trusted
     assert not journal.records_checked(parts, checked)
-
-
-def test_xla_is_part_of_an_infer_jobs_identity_and_refused_with_model_parallelism(tmp_path):
-    from types import SimpleNamespace
-
-    from hvdinfer.parallel.dims import ParallelConfig
-    from hvdinfer.tasks import infer
-
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
-    index = SimpleNamespace(identity=lambda: {"sha256": "abc"})
-    loaded = SimpleNamespace(model_dir=tmp_path / "model", max_length=16)
-    graph, xla = (infer.InferConfig(model="m", input=tmp_path / "in.jsonl", output=tmp_path / "o.jsonl", xla=on)
-                  for on in (False, True))
-    plain, compiled = (infer.job_identity(cfg, index, 64, "fp32", loaded) for cfg in (graph, xla))
-    assert "xla" not in plain  # journals written before --xla existed still resume
-    assert compiled == {**plain, "xla": True}
-    with pytest.raises(JobError, match="--xla .* does not combine with --pp/--tp"):
-        infer.InferConfig(model="m", input=tmp_path / "in.jsonl", output=tmp_path / "o.jsonl", xla=True,
-                          parallel=ParallelConfig(pp=2))
