@@ -1,7 +1,6 @@
 """Length-bucketed batches: sort a shard's records by token count, cut into batches, pad each
-batch only to its own longest record (rounded up to a multiple, so the compiled model sees few
-distinct shapes). Every batch carries the global indices of its rows, so collection can restore
-input order whatever order the batches ran in.
+batch only to its own longest record (rounded up to `pad_multiple`). Every batch carries the global
+indices of its rows, so collection can restore input order whatever order the batches ran in.
 """
 from __future__ import annotations
 
@@ -19,6 +18,16 @@ class Batch:
 
     def inputs(self) -> dict[str, np.ndarray]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+
+def pad_multiple(precision: str) -> int:
+    """What a batch's width is rounded up to: 8 for bf16 (the matrix units of GPUs and of AMX/AVX512-BF16
+    CPUs work in tiles), else 1. An fp32 forward takes any width at no extra cost (one traced graph
+    serves every shape, and a new width's first call measured no slower), while rounding short texts
+    up to 8 tokens was padding: minilm-l6 on 2,048 short texts (5-25 words) in batches of 64 ran
+    1.3x faster unrounded (148 vs 112 texts/s, one thread). The job's ranks agree on the precision,
+    so on this too."""
+    return 8 if precision == "bf16" else 1
 
 
 def padded_length(longest: int, multiple: int) -> int:

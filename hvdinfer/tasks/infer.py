@@ -78,6 +78,8 @@ class Loaded:
     model_dir: Path
     forward: Any = None
     """(input_ids, attention_mask) -> outputs: `compiled_forward`, or a parallelised model's own."""
+    pad_multiple: int = 8
+    """Batch widths are rounded up to this (batching.pad_multiple of the precision)."""
 
 
 def load_model(cfg: InferConfig, precision: str) -> Loaded:
@@ -107,7 +109,8 @@ def load_model(cfg: InferConfig, precision: str) -> Loaded:
     if max_length > info.config.max_position:
         raise JobError(f"--max-length {max_length} exceeds the model's {info.config.max_position} positions")
     forward = model.forward if cfg.parallel.enabled else compiled_forward(model)
-    return Loaded(model, tokenizer, max_length, getattr(model, "labels", None), model_dir, forward)
+    return Loaded(model, tokenizer, max_length, getattr(model, "labels", None), model_dir, forward,
+                  batching.pad_multiple(precision))
 
 
 @functools.lru_cache(maxsize=4)
@@ -140,7 +143,7 @@ class TextChunks(text_job.FileChunks):
         chunk, records, good = self.records(payload)
         ids, truncated = self.loaded.tokenizer.encode_ids([records[i].text for i in good], self.loaded.max_length)
         batches = batching.make_batches(np.asarray(good, np.int64), ids, self.cfg.batch_size,
-                                        pad_id=self.loaded.tokenizer.pad_id)
+                                        pad_id=self.loaded.tokenizer.pad_id, multiple=self.loaded.pad_multiple)
         return chunk, records, batches, good, np.asarray(truncated, bool)
 
     def compute(self, prepared) -> ChunkResult:
@@ -197,7 +200,8 @@ def job_identity(cfg: InferConfig, index: chunks.InputIndex, chunk_size: int, pr
     """Everything that changes a chunk's result: a resume must match it exactly."""
     return {"task": cfg.task, "model": cfg.model, "model_sha256": text_job.model_digest(loaded.model_dir),
             "input": index.identity(), "chunk_size": chunk_size, "batch_size": cfg.batch_size,
-            "max_length": loaded.max_length, "precision": precision, "text_field": cfg.text_field,
+            "max_length": loaded.max_length, "precision": precision, "pad_multiple": loaded.pad_multiple,
+            "text_field": cfg.text_field,
             "id_field": cfg.id_field, **cfg.parallel.identity()}
 
 

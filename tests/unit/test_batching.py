@@ -36,3 +36,14 @@ def test_padded_length_and_bad_batch_size():
     assert [padded_length(n, 8) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         make_batches([0], [[1]], 0)
+
+
+def test_widths_are_rounded_to_8_for_bf16_only():
+    from hvdinfer.data import batching
+
+    assert batching.pad_multiple("bf16") == 8 and batching.pad_multiple("fp32") == 1
+    lengths = [3, 9, 5]
+    unrounded = make_batches(range(3), [[1] * n for n in lengths], 2, multiple=batching.pad_multiple("fp32"))
+    assert [b.input_ids.shape[1] for b in unrounded] == [9, 3]  # each batch exactly its longest
+    rounded = make_batches(range(3), [[1] * n for n in lengths], 2, multiple=batching.pad_multiple("bf16"))
+    assert [b.input_ids.shape[1] for b in rounded] == [16, 8]

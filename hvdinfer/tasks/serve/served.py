@@ -33,6 +33,7 @@ class Served:
     """Tokens per text (embedders: the model's max_seq_length) or positions (decoders)."""
     labels: list[str] | None = None
     embedder: Any = None
+    precision: str = "fp32"
 
     def names(self) -> set[str]:
         return {self.name, str(self.model_dir), self.model_dir.name}
@@ -66,17 +67,19 @@ def load(model: str, precision: str) -> Served:
     try:
         if kind == "generate":
             lm, tokenizer, config = gpt_loading.load_gpt(model_dir)
-            return Served(name, model_dir, kind, lm, tokenizer, config.n_positions)
+            return Served(name, model_dir, kind, lm, tokenizer, config.n_positions, precision=precision)
         load_fn = loading.load_classifier if kind == "classify" else loading.load_sentence_embedder
         net, tokenizer, info = load_fn(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise JobError(f"--model {model}: cannot load model: {exc}") from None
     embedder = net.embedder if kind == "classify" else net
     labels = [str(label) for label in net.labels] if kind == "classify" else None  # a plain list, not Keras' wrapper
-    return Served(name, model_dir, kind, net, tokenizer, info.max_seq_length, labels, embedder)
+    return Served(name, model_dir, kind, net, tokenizer, info.max_seq_length, labels, embedder, precision)
 
 
-SUB_BATCH = 16  # texts of a batch are sorted by length and computed this many at a time: less padding
+# Texts of a batch are sorted by length and computed this many at a time: less padding. Measured on
+# groups of 32 short texts (minilm-l6, one thread, widths unrounded): 8 at a time 1.07-1.10x 16.
+SUB_BATCH = 8
 
 
 class TextForward:
@@ -101,7 +104,8 @@ class TextForward:
         ids, _ = self.served.tokenizer.encode_ids(texts)
         out = None
         for batch in batching.make_batches(np.arange(len(texts)), ids, self.batch_size,
-                                           pad_id=self.served.tokenizer.pad_id):
+                                           pad_id=self.served.tokenizer.pad_id,
+                                           multiple=batching.pad_multiple(self.served.precision)):
             values = self.forwards[task](batch.input_ids, batch.attention_mask).numpy()
             if out is None:
                 out = np.empty((len(texts), values.shape[1]), np.float32)
