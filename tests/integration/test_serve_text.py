@@ -3,8 +3,10 @@
 infer`'s outputs for the same texts; concurrent requests are batched together over both ranks."""
 import base64
 import concurrent.futures
+import time
 
 import numpy as np
+import psutil
 import pytest
 
 from tests.integration.test_infer import classifier_dir, good_input, read_jsonl, run_hvdinfer, texts  # noqa: F401
@@ -74,3 +76,18 @@ def test_text_model_errors(server):
     assert status == 400 and body["error"]["param"] == "input"
     status, _, body = raw(server, "POST", "/v1/embeddings", {"model": "m", "input": "a", "dimensions": 3})
     assert status == 400 and body["error"]["param"] == "dimensions"
+
+
+def test_an_idle_server_leaves_the_cores_alone(server):
+    """Horovod's background thread is stopped once serving starts: under the MPI controller it
+    negotiated with its peer every cycle and spun while waiting, about half a core per rank."""
+    ranks = [psutil.Process(server.rank_pid(r)) for r in (0, 1)]
+    time.sleep(1.0)  # the last test's requests are answered
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in ranks)
+
+    before, start = cpu(), time.monotonic()
+    time.sleep(4.0)
+    cores = (cpu() - before) / (time.monotonic() - start)
+    assert cores < 0.3, f"an idle 2-rank server used {cores:.2f} cores"

@@ -8,7 +8,7 @@ import pytest
 
 from hvdinfer.runtime import JobError
 from hvdinfer.tasks.serve import ServeConfig
-from hvdinfer.tasks.serve.app import TextDeltas
+from hvdinfer.tasks.serve.app import CountRequests, TextDeltas
 from hvdinfer.tasks.serve.protocol import APIError, ChatMessage, chat_prompt, openai_finish
 from hvdinfer.tasks.serve.router import Router
 
@@ -69,3 +69,27 @@ def test_router_batches_texts_and_answers_each_request():
         router.drain()
         assert router.rank0_receive() in (None, ("stop",))
     asyncio.run(main())
+
+
+def test_request_counting_notes_each_v1_status_and_passes_responses_through():
+    async def app(scope, receive, send):
+        if scope["path"] == "/v1/boom":
+            raise RuntimeError("boom")
+        await send({"type": "http.response.start", "status": 404 if scope["path"] == "/v1/nope" else 200})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    seen, sent = [], []
+
+    async def send(message):
+        sent.append(message)
+
+    async def main():
+        counting = CountRequests(app, lambda path, started, status: seen.append((path, status)))
+        for path in ("/v1/embeddings", "/v1/nope", "/healthz"):
+            await counting({"type": "http", "path": path}, None, send)
+        with pytest.raises(RuntimeError):
+            await counting({"type": "http", "path": "/v1/boom"}, None, send)
+
+    asyncio.run(main())
+    assert seen == [("/v1/embeddings", 200), ("/v1/nope", 404), ("/v1/boom", 500)]  # /healthz is not counted
+    assert [m.get("status") for m in sent] == [200, None, 404, None, 200, None]

@@ -226,6 +226,30 @@ async def sse_stream(state: ServerState, chunks: AsyncIterator[bytes]) -> AsyncI
     yield b"data: [DONE]\n\n"
 
 
+class CountRequests:
+    """Latency and status of every /v1 request, as plain ASGI: Starlette's BaseHTTPMiddleware runs
+    each request through extra tasks and memory streams, which cost more than the handler itself."""
+
+    def __init__(self, app, observe: Callable[[str, float, int], None]):
+        self.app, self.observe = app, observe
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        started, status = time.monotonic(), 500
+
+        async def noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_status)
+        finally:
+            self.observe(scope["path"], started, status)
+
+
 # --- the app ---------------------------------------------------------------------------------------
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="hvdinfer", docs_url=None, redoc_url=None, openapi_url=None)
@@ -243,13 +267,7 @@ def create_app(state: ServerState) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        started = time.monotonic()
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            observe(request.url.path, started, response.status_code)
-        return response
+    app.add_middleware(CountRequests, observe=observe)
 
     @app.get("/healthz")
     async def healthz():

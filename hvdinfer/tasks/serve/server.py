@@ -83,6 +83,7 @@ def run(cfg: ServeConfig, runtime_config: runtime.RuntimeConfig | None = None) -
     engine = job.start(runtime_config, cfg.stall_timeout)
     rt = engine.rt
     precision, _ = runtime.resolve_precision(cfg.precision, collect.allgather_json)
+    runtime.release_horovod()  # the last collective: from here on the ranks talk over the link
     with watchdog.quiet("loading and tracing the model"):
         served = load(cfg.model, precision)
         if rt.is_coordinator:
