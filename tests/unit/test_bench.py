@@ -196,3 +196,23 @@ def test_goal_entries_compare_as_written():
     assert report.goal(0, "==", 0)["goal"] == "== 0" and report.goal(True, "==", True)["met"]
     with pytest.raises(KeyError):
         report.goal(1.0, ">", 0.5)
+
+
+def test_completion_mixes_and_the_ceiling_of_continuous_over_static_batching():
+    import numpy as np
+
+    from hvdinfer.bench import serve
+
+    rng = np.random.default_rng(0)
+    uniform = serve.completion_lengths(20_000, "uniform", rng)
+    chat = serve.completion_lengths(20_000, "chat", rng)
+    assert uniform.min() >= 8 and uniform.max() <= 128
+    assert ((chat <= 32) | (chat >= 96)).all() and 0.2 < (chat >= 96).mean() < 0.3
+    assert serve.static_share(np.full(100, 40), 16) == 1.0  # equal lengths: static wastes nothing
+    # 8..128 in groups of 16: the longest is about 121 against a mean of 68.
+    assert 1 / serve.static_share(uniform, 16) == pytest.approx(1.79, abs=0.03)
+    assert 1 / serve.static_share(chat, 16) > 2.5
+    loads = serve.completions_load(2, 3, mix="chat")
+    assert [len(c) for c in loads] == [3, 3]
+    asked = [json.loads(body)["max_tokens"] for c in loads for _, body in c]
+    assert all(8 <= n <= 32 or 96 <= n <= 128 for n in asked)
