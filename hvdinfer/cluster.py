@@ -56,6 +56,18 @@ _NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 
 
 @dataclasses.dataclass(frozen=True)
+class Shaping:
+    """A Shape as applied on this kernel."""
+
+    how: str
+    """"" (unshaped), "netem", "tbf" (a rate alone, no netem) or "wire" (a delay or loss, no netem)."""
+    qdisc: list[str]
+    """The root qdisc of every host's eth0; [] when unshaped or shaped by the wire."""
+    text: str
+    """What `cluster status` and the bench report say of the links."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Shape:
     """Link shaping for every host's link (each direction), e.g. delay 1ms, rate 1gbit."""
 
@@ -73,26 +85,20 @@ class Shape:
                 args += [key, getattr(self, key)]
         return args
 
-    def how(self, netem: bool) -> str:
-        """How the links are shaped: "" (not at all), "netem", "tbf" (a rate alone, no netem) or "wire"
-        (a delay or loss without netem: hvdinfer.wire)."""
+    def shaping(self, netem: bool) -> Shaping:
+        """How this shape is applied where the kernel has netem or not: netem with every setting; tbf
+        for a rate alone (its bucket 4 ms at the rate, a 250 Hz kernel's tick, and at most 10 ms
+        queued); hvdinfer.wire for a delay or loss without netem; nothing when unshaped."""
         if not self.netem_args():
-            return ""
+            return Shaping("", [], "")
         if netem:
-            return "netem"
-        return "wire" if self.delay or self.loss else "tbf"
-
-    def qdisc_args(self, netem: bool) -> list[str]:
-        """The root qdisc for a host's eth0 ([] when there is none: unshaped, or shaped by the wire):
-        netem with every setting, or tbf for a rate alone, its bucket 4 ms at the rate (a 250 Hz
-        kernel's tick) and at most 10 ms queued."""
-        how = self.how(netem)
-        if how == "netem":
-            return ["netem", *self.netem_args()]
-        if how != "tbf":
-            return []
+            qdisc = ["netem", *self.netem_args()]
+            return Shaping("netem", qdisc, " ".join(qdisc))
+        if self.delay or self.loss:
+            return Shaping("wire", [], f"wire {' '.join(self.netem_args())}")
         burst = max(64 * 1024, int(self.rate_bytes_per_s() * 0.004))
-        return ["tbf", "rate", self.rate, "burst", str(burst), "latency", "10ms"]
+        qdisc = ["tbf", "rate", self.rate, "burst", str(burst), "latency", "10ms"]
+        return Shaping("tbf", qdisc, " ".join(qdisc))
 
     def wire_args(self) -> list[str]:
         """hvdinfer.wire's flags for this shape (its queue limit is netem's default, 1000 packets)."""
@@ -208,10 +214,8 @@ def up(hosts: int, slots: int, shape: Shape = Shape(), name: str | None = None, 
     cpus = cpu_plan(hosts, cpus_per_host, sorted(os.sched_getaffinity(0)))
     if cpus and shutil.which("taskset") is None:
         raise JobError("--cpus-per-host needs taskset (util-linux)")
-    how = shape.how(netem_available()) if shape.netem_args() else ""
-    qdisc = shape.qdisc_args(how == "netem")
-    shaping = " ".join(qdisc) if qdisc else f"wire {' '.join(shape.netem_args())}" if how == "wire" else ""
-    cluster = Cluster(name, tuple(f"{name}-h{i}" for i in range(hosts)), slots, cpus, shaping)
+    shaping = shape.shaping(bool(shape.netem_args()) and netem_available())
+    cluster = Cluster(name, tuple(f"{name}-h{i}" for i in range(hosts)), slots, cpus, shaping.text)
     if cluster.switch in _namespaces():
         raise JobError(f"a cluster named {name} already exists; `hvdinfer cluster down --name {name}` first")
     try:
@@ -219,7 +223,7 @@ def up(hosts: int, slots: int, shape: Shape = Shape(), name: str | None = None, 
         for host in cluster.hosts:
             _ip("netns", "add", host)
             _ip("-n", host, "link", "set", "lo", "up")
-        if how == "wire":
+        if shaping.how == "wire":
             _start_wire(cluster, shape)  # every host's eth0 is a TUN the wire serves
         else:
             _ip("-n", cluster.switch, "link", "add", "br0", "type", "bridge")
@@ -234,8 +238,8 @@ def up(hosts: int, slots: int, shape: Shape = Shape(), name: str | None = None, 
         for i, host in enumerate(cluster.hosts):
             _ip("-n", host, "addr", "add", f"{cluster.address(i)}/24", "dev", "eth0")
             _ip("-n", host, "link", "set", "eth0", "up")
-            if qdisc:
-                _tc(host, "qdisc", "add", "dev", "eth0", "root", *qdisc)
+            if shaping.qdisc:
+                _tc(host, "qdisc", "add", "dev", "eth0", "root", *shaping.qdisc)
         _save(cluster, shape)
     except BaseException:
         down(cluster.name)

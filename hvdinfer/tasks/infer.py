@@ -76,10 +76,10 @@ class Loaded:
     max_length: int
     labels: list[str] | None
     model_dir: Path
-    forward: Any = None
+    forward: Any
     """(input_ids, attention_mask) -> outputs: `compiled_forward`, or a parallelised model's own."""
-    pad_multiple: int = 8
-    """Batch widths are rounded up to this (batching.pad_multiple of the precision)."""
+    pad_multiple: int
+    """Batch widths are rounded up to this: batching.pad_multiple of the precision (1 in fp32)."""
 
 
 def load_model(cfg: InferConfig, precision: str) -> Loaded:

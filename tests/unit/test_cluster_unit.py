@@ -67,20 +67,21 @@ def test_shape_rates_and_delays_as_numbers():
 
 
 def test_shaping_is_netem_where_the_kernel_has_it_else_tbf_for_a_rate_and_the_wire_for_a_delay():
+    Shaping = cluster_mod.Shaping
     both = cluster_mod.Shape(delay="1ms", rate="1gbit")
-    assert both.how(netem=True) == "netem"
-    assert both.qdisc_args(netem=True) == ["netem", "delay", "1ms", "rate", "1gbit"]
-    assert both.how(netem=False) == "wire" and both.qdisc_args(netem=False) == []
+    assert both.shaping(netem=True) == Shaping("netem", ["netem", "delay", "1ms", "rate", "1gbit"],
+                                               "netem delay 1ms rate 1gbit")
+    assert both.shaping(netem=False) == Shaping("wire", [], "wire delay 1ms rate 1gbit")
     assert both.wire_args() == ["--delay", "0.001", "--rate", "125000000.0", "--loss", "0.0"]
-    assert cluster_mod.Shape(loss="0.5%").how(netem=False) == "wire"
+    assert cluster_mod.Shape(loss="0.5%").shaping(netem=False).how == "wire"
     assert cluster_mod.Shape(loss="0.5%").loss_fraction() == pytest.approx(0.005)
     with pytest.raises(JobError, match="--loss '100%'"):
         cluster_mod.Shape(loss="100%").loss_fraction()
-    assert cluster_mod.Shape(rate="1gbit").how(netem=False) == "tbf"
-    assert cluster_mod.Shape(rate="1gbit").qdisc_args(netem=False) == [
-        "tbf", "rate", "1gbit", "burst", "500000", "latency", "10ms"]
-    assert cluster_mod.Shape(rate="10gbit").qdisc_args(netem=False)[4] == "5000000"
-    assert cluster_mod.Shape().how(netem=False) == "" and cluster_mod.Shape().qdisc_args(netem=False) == []
+    rate = cluster_mod.Shape(rate="1gbit").shaping(netem=False)
+    assert rate.how == "tbf" and rate.qdisc == ["tbf", "rate", "1gbit", "burst", "500000", "latency", "10ms"]
+    assert rate.text == "tbf rate 1gbit burst 500000 latency 10ms"
+    assert cluster_mod.Shape(rate="10gbit").shaping(netem=False).qdisc[4] == "5000000"
+    assert cluster_mod.Shape().shaping(netem=True) == Shaping("", [], "")
 
 
 def test_cluster_flags_parse():
