@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     _add_stall_flag(p)
     _add_precision_flag(p)
+    _add_parallel_flags(p)
     _add_runtime_flags(p)
 
     p = sub.add_parser("cluster", help="namespace hosts on this machine: up, down, or run a command across them")
@@ -504,7 +505,7 @@ def dispatch(args: argparse.Namespace) -> int:
                                 max_wait_ms=args.max_wait_ms, api_key=args.api_key, max_queue=args.max_queue,
                                 request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
                                 batching=args.batching, precision=args.precision, stall_timeout=args.stall_timeout,
-                                shutdown_timeout=args.shutdown_timeout)
+                                shutdown_timeout=args.shutdown_timeout, parallel=_parallel_config(args))
         serve.run(cfg, _runtime_config(args))
         return 0
     if args.command == "demo":

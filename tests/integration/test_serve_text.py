@@ -91,3 +91,36 @@ def test_an_idle_server_leaves_the_cores_alone(server):
     time.sleep(4.0)
     cores = (cpu() - before) / (time.monotonic() - start)
     assert cores < 0.3, f"an idle 2-rank server used {cores:.2f} cores"
+
+
+@pytest.mark.parametrize("flags", [("--tp", "2"), ("--pp", "2", "--micro-batches", "2")], ids=["tp2", "pp2"])
+def test_a_model_parallel_server_classifies_as_hvdinfer_infer(tmp_path, classifier_dir, offline, texts,  # noqa: F811
+                                                              flags):
+    """--tp 2: both ranks are one group, the leader serving and the other repeating its forwards;
+    --pp 2: each of the two ranks runs the model as two stages on two devices."""
+    server = Server(tmp_path, classifier_dir, 2, "--max-batch", "4", *flags)
+    try:
+        server.wait_ready()
+        status, _, health = raw(server, "GET", "/healthz")
+        assert status == 200 and health["down"] == []  # under --tp the follower is heard too
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda t: raw(server, "POST", "/v1/classify", {"model": "m", "input": t}),
+                                    [texts[:5], texts[5:], texts[:1], texts[1:3]]))
+        assert [status for status, _, _ in answers] == [200] * 4, answers
+        got = np.array([d["probs"] for _, _, body in answers[:2] for d in body["data"]])
+        want = np.array([[row["scores"][label] for label in LABELS] for row in offline["classify"]])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        status, _, body = raw(server, "POST", "/v1/embeddings", {"model": "m", "input": "a"})
+        assert status == 400 and "/v1/classify" in body["error"]["message"]
+    finally:
+        server.close()
+
+
+def test_a_decoder_under_model_parallelism_is_refused_with_the_reason(tmp_path):
+    from models import registry
+    from tests import tiny_gpt
+
+    lm = tiny_gpt.write_model_dir(tmp_path / "lm", tiny_gpt.random_checkpoint(registry.gpt_size("debug"), seed=5))
+    proc = run_hvdinfer("serve", 1, "--model", lm, "--pp", "2", "--port", "0", timeout=120)
+    assert proc.returncode != 0 and "--pp/--tp serve sentence embedders and classifiers" in proc.all, proc.all
+    assert "Traceback" not in proc.all

@@ -36,13 +36,22 @@ class Served:
     labels: list[str] | None = None
     embedder: Any = None
     precision: str = "fp32"
+    runner: Any = None
+    """Under --pp/--tp: the parallelised model (hvdinfer/parallel's EncoderRunner), instead of `model`."""
 
     def names(self) -> set[str]:
         return {self.name, str(self.model_dir), self.model_dir.name}
 
     def endpoints(self) -> set[str]:
+        if self.runner is not None:  # one parallelised forward: a classifier's gives class scores only
+            return {"classify"} if self.kind == "classify" else {"embeddings"}
         return {"generate": {"completions", "chat"}, "embed": {"embeddings"},
                 "classify": {"embeddings", "classify"}}[self.kind]
+
+    @property
+    def group(self):
+        """This rank's tensor-parallel group (hvdinfer/parallel), or None."""
+        return getattr(self.runner, "group", None)
 
 
 def model_kind(model_dir: Path) -> str:
@@ -57,7 +66,9 @@ def model_kind(model_dir: Path) -> str:
     return "classify" if heads.has_head(model_dir) else "embed"
 
 
-def load(model: str, precision: str) -> Served:
+def load(model: str, precision: str, parallel=None) -> Served:
+    """The model on this rank; under --pp/--tp (`parallel` enabled) sentence embedders and classifiers
+    are parallelised as `hvdinfer infer` does it, and traced on every rank of a group together."""
     import tensorflow as tf
 
     from models import gpt_loading, loading
@@ -66,6 +77,8 @@ def load(model: str, precision: str) -> Served:
     model_dir = text_job.resolve_model_dir(model)
     kind = model_kind(model_dir)
     name = model if model in assets.ASSETS else model_dir.name
+    if parallel is not None and parallel.enabled:
+        return _load_parallel(name, model_dir, kind, precision, parallel)
     try:
         if kind == "generate":
             lm, tokenizer, config = gpt_loading.load_gpt(model_dir)
@@ -77,6 +90,23 @@ def load(model: str, precision: str) -> Served:
     embedder = net.embedder if kind == "classify" else net
     labels = [str(label) for label in net.labels] if kind == "classify" else None  # a plain list, not Keras' wrapper
     return Served(name, model_dir, kind, net, tokenizer, info.max_seq_length, labels, embedder, precision)
+
+
+def _load_parallel(name: str, model_dir: Path, kind: str, precision: str, parallel) -> Served:
+    from hvdinfer.parallel import parallelize
+
+    if kind == "generate":
+        raise JobError(f"--model {model_dir}: --pp/--tp serve sentence embedders and classifiers; the server "
+                       f"decodes GPT-2-layout models on one device per rank (serve it without --pp/--tp, or run "
+                       f"`hvdinfer generate --pp/--tp` over a prompt file)")
+    try:
+        runner, tokenizer, info = parallelize.load_embedder(model_dir, kind == "classify", parallel)
+    except (OSError, ValueError, KeyError) as exc:
+        raise JobError(f"--model {model_dir}: cannot load model: {exc}") from None
+    runner.warm_up(tokenizer.pad_id)  # every rank of a group traces together, before any request
+    labels = [str(label) for label in runner.labels] if kind == "classify" else None
+    return Served(name, model_dir, kind, runner.model, tokenizer, info.max_seq_length, labels, None, precision,
+                  runner)
 
 
 # Texts of a batch are sorted by length and computed this many at a time per TF thread: less
@@ -98,6 +128,9 @@ class TextForward:
         threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count() or 1
         self.served, self.batch_size = served, min(batch_size, SUB_BATCH_PER_THREAD * threads)
         self.pad_multiple = batching.pad_multiple(served.precision)
+        if served.runner is not None:  # traced when loaded
+            self.forwards = {"classify" if served.kind == "classify" else "embed": served.runner.forward}
+            return
         self.forwards = {"embed": infer.compiled_forward(served.embedder)}
         if served.kind == "classify":
             self.forwards["classify"] = infer.compiled_forward(served.model)

@@ -2,7 +2,8 @@
 
 - Start: every rank loads the model and traces it (under the watchdog's quiet phase); the
   coordinator starts the router thread and uvicorn on its own thread and event loop, then runs its
-  own rank loop on the main thread like every worker.
+  own rank loop on the main thread like every worker. Under --tp a group of ranks is one rank to the
+  router: its leader runs the rank loop over the leaders' link, the others repeat its forwards.
 - Faults: the job engine's watchdog applies. A rank that dies or freezes is named by the
   coordinator's watchdog within --stall-timeout; before the job ends (exit code 3) every waiting
   request is answered 503, so none hangs. /healthz is 503 as soon as a rank is not heard.
@@ -14,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -22,6 +24,7 @@ import time
 
 from hvdinfer import collect, runtime
 from hvdinfer.engine import job, runner, watchdog
+from hvdinfer.parallel.dims import ParallelConfig
 from hvdinfer.runtime import JobError
 from hvdinfer.tasks.serve import ranks as ranks_mod
 from hvdinfer.tasks.serve.protocol import APIError
@@ -60,6 +63,8 @@ class ServeConfig:
     """End the job when a rank makes no progress for this many seconds."""
     shutdown_timeout: float = 30.0
     """On SIGTERM/SIGINT, how long in-flight requests may take to finish."""
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    """--pp/--tp for sentence embedders and classifiers: each tensor-parallel group serves as one rank."""
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -83,25 +88,36 @@ def run(cfg: ServeConfig, runtime_config: runtime.RuntimeConfig | None = None) -
     engine = job.start(runtime_config, cfg.stall_timeout)
     rt = engine.rt
     precision, _ = runtime.resolve_precision(cfg.precision, collect.allgather_json)
-    runtime.release_horovod()  # the last collective: from here on the ranks talk over the link
+    if cfg.parallel.tp == 1:  # --tp's row-parallel sums are Horovod allreduces
+        runtime.release_horovod()  # the last collective: from here on the ranks talk over the link
     with watchdog.quiet("loading and tracing the model"):
-        served = load(cfg.model, precision)
-        if rt.is_coordinator:
-            from hvdinfer.tasks.serve.router import Router
-
-            from hvdinfer.tasks.serve.metrics import Metrics
-            metrics = Metrics()
-            router = Router(engine.link, rt.size, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue, metrics)
-            loop = ranks_mod.RankLoop(served, 0, cfg.max_batch, cfg.batching, router.rank0_receive, router.rank0_send)
-        else:
-            loop = ranks_mod.RankLoop(served, rt.rank, cfg.max_batch, cfg.batching, *_worker_link(engine.link))
+        served = load(cfg.model, precision, cfg.parallel)
     if not rt.is_coordinator:
         # mpirun forwards SIGTERM/SIGINT to every rank; the coordinator decides when this rank stops.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        loop.run()
+    group = served.group
+    if group is not None and not group.is_leader:
+        served.runner.follow()  # repeat the group leader's forwards until it stops serving
         return runner.finish(engine.link, rt.rank, rt.size, None)
-    summary = _serve(cfg, engine, served, router, metrics, loop)
+    # The router and the rank loops speak over the groups' leaders' link under --tp: a group is one rank.
+    link, rank, size = (group.leaders, group.dp_rank, group.dims.dp) if group else (engine.link, rt.rank, rt.size)
+    with watchdog.quiet("tracing the model"):
+        if rt.is_coordinator:
+            from hvdinfer.tasks.serve.metrics import Metrics
+            from hvdinfer.tasks.serve.router import Router
+
+            metrics = Metrics()
+            router = Router(link, size, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue, metrics)
+            loop = ranks_mod.RankLoop(served, 0, cfg.max_batch, cfg.batching, router.rank0_receive, router.rank0_send)
+        else:
+            loop = ranks_mod.RankLoop(served, rank, cfg.max_batch, cfg.batching, *_worker_link(link))
+    with served.runner.leading() if group else contextlib.nullcontext():
+        if not rt.is_coordinator:
+            loop.run()
+            summary = None
+        else:
+            summary = _serve(cfg, engine, served, router, metrics, loop, group.dims.tp if group else 1)
     return runner.finish(engine.link, rt.rank, rt.size, summary)
 
 
@@ -115,7 +131,7 @@ def _worker_link(link):
     return receive, lambda message: link.send(message, 0, link_mod.RESULT)
 
 
-def _serve(cfg: ServeConfig, engine, served, router, metrics, loop) -> dict:
+def _serve(cfg: ServeConfig, engine, served, router, metrics, loop, tp: int) -> dict:
     import uvicorn
 
     from hvdinfer.tasks.serve.app import ServerState, create_app
@@ -128,7 +144,8 @@ def _serve(cfg: ServeConfig, engine, served, router, metrics, loop) -> dict:
         seen = {0: (0.0, 0 in router.ready)}
         for rank, view in dog.peers.items():
             age = now - view.heard_at
-            seen[rank] = (age, rank in router.ready and age < max(3 * dog.interval, 2.0))
+            # Under --tp the router knows groups (rank // tp); a rank is up when its group is ready and it is heard.
+            seen[rank] = (age, rank // tp in router.ready and age < max(3 * dog.interval, 2.0))
         return seen
 
     def health() -> tuple[bool, dict]:
