@@ -44,6 +44,12 @@ class ParallelConfig:
         """Whether any model parallelism is asked for (else the model runs as it is)."""
         return self.pp > 1 or self.tp > 1
 
+    @property
+    def forward_uses_horovod(self) -> bool:
+        """Whether the model's forward itself runs Horovod collectives (--tp's row-parallel sums);
+        pipeline stages only place layers on this rank's devices."""
+        return self.tp > 1
+
     def identity(self) -> dict:
         """What a job's identity gains from these settings: nothing when they are the defaults, so a
         journal written before the flags existed still resumes."""

@@ -77,9 +77,9 @@ def load(model: str, precision: str, parallel=None) -> Served:
     model_dir = text_job.resolve_model_dir(model)
     kind = model_kind(model_dir)
     name = model if model in assets.ASSETS else model_dir.name
-    if parallel is not None and parallel.enabled:
-        return _load_parallel(name, model_dir, kind, precision, parallel)
     try:
+        if parallel is not None and parallel.enabled:
+            return _load_parallel(name, model_dir, kind, precision, parallel)
         if kind == "generate":
             lm, tokenizer, config = gpt_loading.load_gpt(model_dir)
             return Served(name, model_dir, kind, lm, tokenizer, config.n_positions, precision=precision)
@@ -99,10 +99,7 @@ def _load_parallel(name: str, model_dir: Path, kind: str, precision: str, parall
         raise JobError(f"--model {model_dir}: --pp/--tp serve sentence embedders and classifiers; the server "
                        f"decodes GPT-2-layout models on one device per rank (serve it without --pp/--tp, or run "
                        f"`hvdinfer generate --pp/--tp` over a prompt file)")
-    try:
-        runner, tokenizer, info = parallelize.load_embedder(model_dir, kind == "classify", parallel)
-    except (OSError, ValueError, KeyError) as exc:
-        raise JobError(f"--model {model_dir}: cannot load model: {exc}") from None
+    runner, tokenizer, info = parallelize.load_embedder(model_dir, kind == "classify", parallel)
     runner.warm_up(tokenizer.pad_id)  # every rank of a group traces together, before any request
     labels = [str(label) for label in runner.labels] if kind == "classify" else None
     return Served(name, model_dir, kind, runner.model, tokenizer, info.max_seq_length, labels, None, precision,

@@ -88,7 +88,7 @@ def run(cfg: ServeConfig, runtime_config: runtime.RuntimeConfig | None = None) -
     engine = job.start(runtime_config, cfg.stall_timeout)
     rt = engine.rt
     precision, _ = runtime.resolve_precision(cfg.precision, collect.allgather_json)
-    if cfg.parallel.tp == 1:  # --tp's row-parallel sums are Horovod allreduces
+    if not cfg.parallel.forward_uses_horovod:
         runtime.release_horovod()  # the last collective: from here on the ranks talk over the link
     with watchdog.quiet("loading and tracing the model"):
         served = load(cfg.model, precision, cfg.parallel)
