@@ -6,6 +6,7 @@ A runner holds a model built by `parallelize` and offers what the tasks call on 
     EncoderRunner.forward(input_ids, attention_mask)  embeddings, or class probabilities (infer)
     EncoderRunner.outputs(inputs, training)           the same math for training (PipelineModel.call)
     DecoderRunner.new_cache / prefill / decode_step / last_logits   what models/decoding calls on a GPT
+    DecoderRunner.slot_cache(slots)                   what models/slots.SlotDecoder drives (the server)
 
 Micro-batches (GPipe): a batch is cut into M micro-batches and the graph holds M chains, each
 running stage 0, 1, .., K-1 under that stage's device; nothing orders chain m's stage s+1 against
@@ -17,7 +18,9 @@ dropout and the classifier on the whole batch, so dropout draws the single-devic
 Generation keeps one cache variable per (stage, micro-batch), on the stage's device, holding that
 stage's blocks: (blocks, 2, rows, heads (this rank's, under --tp), max_len, head_dim), written and
 read sparsely like models/gpt.py's cache. Caches of a geometry (batch, max_len) are kept and reused
-for every batch of that geometry, with one compiled prefill and one compiled decode step each.
+for every batch of that geometry, with one compiled prefill and one compiled decode step each. A slot
+cache (iteration-level batching: each row a sequence that joins and leaves at any step) is a variable
+per stage too, over all slots; its micro-batches split the rows each call computes.
 
 Under --tp the leader of each group runs the job engine; every public call it makes inside
 `leading()` is first sent to the group (`TPGroup.announce`), and the others repeat it in `follow()`.
@@ -229,6 +232,79 @@ class _StageCaches:
         return tf.concat(logits, axis=0)
 
 
+class _SlotStages:
+    """A slot cache (models/slots.py's SlotCompute) of a parallelised decoder: a variable per stage, on
+    the stage's device, (its blocks, 2, slots, heads, max_len, head_dim), with a compiled prefill and
+    step over any rows; under --tp each call is repeated by the group."""
+
+    def __init__(self, runner: "DecoderRunner", slots: int, max_len: int):
+        self.runner, self.slots, self.max_len = runner, slots, max_len
+        self.vocab_size = runner.config.vocab_size
+        self.micro_batches = min(runner.micro_batches, slots)
+        self.vars = []
+        for device, start, stop in runner.stages:
+            with runner.on(device):
+                self.vars.append(tf.Variable(tf.zeros((stop - start, 2, slots, runner.heads, max_len, runner.head_dim),
+                                                      runner.model.compute_dtype), trainable=False,
+                                             name=f"slot_cache_{start}"))
+        ids, grid = tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.int32)
+        self.prefill_graph = tf.function(self._prefill, input_signature=[grid, grid, ids])
+        self.step_graph = tf.function(self._step, input_signature=[ids, ids, ids, ids, grid])
+
+    def prefill(self, input_ids, attention_mask, rows) -> np.ndarray:
+        return self.runner._call("slot_prefill", (self.slots, self.max_len), _ids(input_ids), _ids(attention_mask),
+                                 _ids(rows)).numpy()
+
+    def step(self, token_ids, positions, rows, columns, cache_mask) -> np.ndarray:
+        return self.runner._call("slot_step", (self.slots, self.max_len), _ids(token_ids), _ids(positions),
+                                 _ids(rows), _ids(columns), _ids(cache_mask)).numpy()
+
+    def _parts(self, rows: tf.Tensor) -> list[slice]:
+        """The rows of each micro-batch (GPipe chains, as in _StageCaches)."""
+        if self.micro_batches == 1:
+            return [slice(None)]
+        bounds = micro_batch_bounds(tf.shape(rows)[0], self.micro_batches)
+        return [slice(bounds[m], bounds[m + 1]) for m in range(self.micro_batches)]
+
+    def _memories(self, rows, write_columns, read_columns=None) -> list:
+        """Each stage's models/gpt Memory over its slot cache, its index tensors made on its device."""
+        from models.slots import slot_memory
+
+        memories = []
+        for cache, (device, start, _) in zip(self.vars, self.runner.stages):
+            with self.runner.on(device):
+                memories.append(slot_memory(cache, self.runner.heads, rows, write_columns, read_columns, start))
+        return memories
+
+    def _prefill(self, input_ids, attention_mask, rows):
+        from models import gpt
+        from models.slots import all_columns
+
+        runner, logits = self.runner, []
+        for part in self._parts(rows):
+            ids, mask = input_ids[part], attention_mask[part]
+            with runner.device("wte"):
+                bias = gpt.causal_bias(mask, runner.model.compute_dtype)
+            hidden = runner.hidden(ids, gpt.positions_from_mask(mask), bias,
+                                   self._memories(rows[part], all_columns(ids)))
+            logits.append(runner.logits(_last_real(hidden, mask)))
+        return tf.concat(logits, axis=0)
+
+    def _step(self, token_ids, positions, rows, columns, cache_mask):
+        from models import gpt
+        from models.slots import all_columns
+
+        runner, logits = self.runner, []
+        for part in self._parts(rows):
+            mask = cache_mask[part]
+            with runner.device("wte"):
+                bias = gpt.cache_bias(mask, runner.model.compute_dtype)
+            hidden = runner.hidden(token_ids[part][:, tf.newaxis], positions[part][:, tf.newaxis], bias,
+                                   self._memories(rows[part], columns[part][:, tf.newaxis], all_columns(mask)))
+            logits.append(runner.logits(hidden[:, 0]))
+        return tf.concat(logits, axis=0)
+
+
 class DecoderRunner(_Runner):
     """A GPT (models/gpt.py), parallelised; models/decoding.generate_batch drives it like a GPT."""
 
@@ -237,6 +313,7 @@ class DecoderRunner(_Runner):
         self.heads = model.blocks[0].attn.config.n_head  # this rank's heads under --tp
         self.head_dim = model.config.head_dim
         self._caches: collections.OrderedDict[tuple[int, int], _StageCaches] = collections.OrderedDict()
+        self._slot_caches: dict[tuple[int, int], _SlotStages] = {}
         spec = tf.TensorSpec([None, None], tf.int32)
         self._last_logits_graph = tf.function(self._last_logits_fn, input_signature=[spec, spec])
 
@@ -309,6 +386,21 @@ class DecoderRunner(_Runner):
 
     def _last_logits(self, input_ids, attention_mask):
         return self._last_logits_graph(input_ids, attention_mask)
+
+    def slot_cache(self, slots: int, max_len: int | None = None) -> _SlotStages:
+        """The slot cache of `slots` rows x `max_len` columns (default: the model's positions), made once."""
+        return self._slots((int(slots), int(max_len or self.config.n_positions)))
+
+    def _slots(self, geometry: tuple[int, int]) -> _SlotStages:
+        if geometry not in self._slot_caches:
+            self._slot_caches[geometry] = _SlotStages(self, *geometry)
+        return self._slot_caches[geometry]
+
+    def _slot_prefill(self, geometry, input_ids, attention_mask, rows):
+        return self._slots(geometry).prefill_graph(input_ids, attention_mask, rows)
+
+    def _slot_step(self, geometry, token_ids, positions, rows, columns, cache_mask):
+        return self._slots(geometry).step_graph(token_ids, positions, rows, columns, cache_mask)
 
     def warm_up(self) -> None:
         """Nothing to trace ahead: a decode step is compiled per cache geometry on first use."""

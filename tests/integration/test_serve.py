@@ -125,22 +125,34 @@ def test_models_health_and_metrics(server):
     assert metric(server, "hvdinfer_rank_up") == 2
 
 
-def test_greedy_completions_equal_hvdinfer_generate(server, lm_dir, tmp_path):
-    src = tmp_path / "prompts.jsonl"
+@pytest.fixture(scope="module")
+def greedy(lm_dir, tmp_path_factory) -> list[str]:
+    """`hvdinfer generate`'s greedy continuations of PROMPTS, 12 tokens at most."""
+    tmp = tmp_path_factory.mktemp("generate")
+    src = tmp / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    proc = run_hvdinfer("generate", 1, "--model", lm_dir, "--input", src, "--output", tmp_path / "out.jsonl",
+    proc = run_hvdinfer("generate", 1, "--model", lm_dir, "--input", src, "--output", tmp / "out.jsonl",
                         "--temperature", "0", "--max-new-tokens", "12", "--quiet")
     assert proc.returncode == 0, proc.all
-    want = [row["text"] for row in read_jsonl(tmp_path / "out.jsonl")]
-    client = server.client()
-    results = [None] * len(PROMPTS)
+    return [row["text"] for row in read_jsonl(tmp / "out.jsonl")]
 
-    def ask(i):  # concurrently: they share the ranks' slots
-        results[i] = client.completions.create(model="tiny-lm", prompt=PROMPTS[i], max_tokens=12, temperature=0)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+def concurrent_completions(client, prompts: list[str]) -> list:
+    """One greedy completion request per prompt, all at once: they share the ranks' slots."""
+    results = [None] * len(prompts)
+
+    def ask(i):
+        results[i] = client.completions.create(model="tiny-lm", prompt=prompts[i], max_tokens=12, temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    return results
+
+
+def test_greedy_completions_equal_hvdinfer_generate(server, lm_dir, greedy):
+    want, client = greedy, server.client()
+    results = concurrent_completions(client, PROMPTS)
     assert [r.choices[0].text for r in results] == want
     assert all(r.usage.completion_tokens <= 12 and r.choices[0].finish_reason in ("length", "stop") for r in results)
     # Streamed, the pieces add up to the same text; and one request may carry several prompts.
@@ -212,6 +224,26 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
         time.sleep(0.2)
     assert metric(server, "hvdinfer_active_sequences") == 0
     assert client.completions.create(model="tiny-lm", prompt="a", max_tokens=2).choices[0].text is not None
+
+
+@pytest.mark.parametrize("flags", [("--tp", "2"), ("--pp", "2", "--micro-batches", "2")], ids=["tp2", "pp2"])
+def test_a_model_parallel_server_completes_as_hvdinfer_generate(tmp_path, lm_dir, greedy, flags):
+    """--tp 2: both ranks are one group (the leader decodes, the other repeats each prefill and step);
+    --pp 2: each rank decodes through two stages on two devices. Then SIGTERM: every rank exits 0."""
+    server = Server(tmp_path, lm_dir, 2, "--max-batch", "3", *flags)
+    try:
+        server.wait_ready()
+        status, _, health = raw(server, "GET", "/healthz")
+        assert status == 200 and health["down"] == []
+        results = concurrent_completions(server.client(), PROMPTS)  # four sequences in three slots per rank
+        assert [r.choices[0].text for r in results] == greedy
+        chunks = list(server.client().completions.create(model="tiny-lm", prompt=PROMPTS[2], max_tokens=12,
+                                                         temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == greedy[2]
+        os.kill(server.rank_pid(0), signal.SIGTERM)
+        assert server.proc.wait(60) == 0, server.output()
+    finally:
+        server.close()
 
 
 def test_graceful_shutdown_finishes_the_request_in_flight(server):

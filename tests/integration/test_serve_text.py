@@ -114,13 +114,3 @@ def test_a_model_parallel_server_classifies_as_hvdinfer_infer(tmp_path, classifi
         assert status == 400 and "/v1/classify" in body["error"]["message"]
     finally:
         server.close()
-
-
-def test_a_decoder_under_model_parallelism_is_refused_with_the_reason(tmp_path):
-    from models import registry
-    from tests import tiny_gpt
-
-    lm = tiny_gpt.write_model_dir(tmp_path / "lm", tiny_gpt.random_checkpoint(registry.gpt_size("debug"), seed=5))
-    proc = run_hvdinfer("serve", 1, "--model", lm, "--pp", "2", "--port", "0", timeout=120)
-    assert proc.returncode != 0 and "--pp/--tp serve sentence embedders and classifiers" in proc.all, proc.all
-    assert "Traceback" not in proc.all

@@ -16,6 +16,7 @@ process) and is compared with the single-device result:
 A row runs where the world has dp x tp ranks: `make parallel` runs this file at 1, 2 and 3 ranks,
 and tests/integration/test_model_parallel_np4.py at 4. Debug sizes and a few records: seconds a row.
 """
+import collections
 import dataclasses
 import hashlib
 import json
@@ -203,6 +204,31 @@ def check_decoder_logits(files: Path, row: Row) -> None:
         tokens = np.array([5, 11], np.int32) + step
         _close(runner.decode_step(tokens, positions + step, column, mine, cache_mask)[0].numpy(),
                plain.decode_step(tokens, positions + step, column, theirs, cache_mask)[0].numpy(), f"decode {step}")
+    check_slot_decoder(plain, runner, tokenizer, prompts)
+
+
+def check_slot_decoder(plain, runner, tokenizer, prompts) -> None:
+    """The server's iteration-level batching over the parallel model (its slot cache): the same logits
+    for prompts prefilled into any rows and stepped together, and the same tokens for sequences that
+    join at different steps."""
+    from models.slots import GPTSlots, SlotDecoder
+
+    mine, theirs = runner.slot_cache(3, 32), GPTSlots(plain, 3, 32)
+    ids, mask = decoding.left_pad(prompts)
+    _close(mine.prefill(ids, mask, [2, 0]), theirs.prefill(ids, mask, [2, 0]), "slot prefill")
+    cache_mask = np.concatenate([mask, np.ones((2, 1), np.int32)], axis=1)
+    step = ([5, 11], mask.sum(axis=1), [2, 0], [ids.shape[1]] * 2, cache_mask)
+    _close(mine.step(*step), theirs.step(*step), "slot step")
+    params = decoding.SamplingParams(max_new_tokens=5, ignore_eos=True)
+    arrivals = {0: [("a", prompts[0], params, 0)], 2: [("b", prompts[1], params, 1), ("c", [7], params, 2)]}
+    results = []
+    for compute in (mine, theirs):
+        decoder, tokens, waiting = SlotDecoder(compute, tokenizer), collections.defaultdict(list), dict(arrivals)
+        for at in range(12):
+            for event in decoder.admit(waiting.pop(at, [])) + (decoder.step() if decoder.active else []):
+                tokens[event.key] += event.tokens
+        results.append(dict(tokens))
+    assert results[0] == results[1] and all(len(t) == 5 for t in results[0].values()), results
 
 
 def check_finetune(rt, files: Path, row: Row, want: Path, out: Path) -> None:

@@ -6,7 +6,7 @@ import pytest
 from models import gpt, gpt_weights, registry
 from models.bpe import BPETokenizer
 from models.decoding import SamplingParams, generate_batch
-from models.slots import SlotDecoder
+from models.slots import GPTSlots, SlotDecoder
 from tests import tiny_gpt
 
 CONFIG = registry.gpt_size("debug")
@@ -19,6 +19,11 @@ def lm(tmp_path_factory):
     gpt_weights.assign(model, tiny_gpt.random_checkpoint(CONFIG, seed=5))
     tokenizer = BPETokenizer.from_dir(tiny_gpt.write_vocab(tmp_path_factory.mktemp("vocab")))
     return model, tokenizer
+
+
+def _decoder(lm, slots: int) -> SlotDecoder:
+    model, tokenizer = lm
+    return SlotDecoder(GPTSlots(model, slots), tokenizer)
 
 
 def _run(decoder, arrivals):
@@ -40,7 +45,7 @@ def _run(decoder, arrivals):
 @pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=10),
                                     SamplingParams(max_new_tokens=10, temperature=1.0, top_k=40, seed=7)])
 def test_joining_at_any_step_equals_each_prompt_alone(lm, params):
-    decoder = SlotDecoder(*lm, slots=3)
+    decoder = _decoder(lm, 3)
     arrivals = {0: [("a", PROMPTS[0], params, 0), ("b", PROMPTS[1], params, 1)], 3: [("c", PROMPTS[2], params, 2)],
                 11: [("d", PROMPTS[3], params, 3)]}
     got, _ = _run(decoder, arrivals)
@@ -50,7 +55,7 @@ def test_joining_at_any_step_equals_each_prompt_alone(lm, params):
 
 
 def test_a_short_sequence_is_not_held_back_and_frees_its_slot(lm):
-    decoder = SlotDecoder(*lm, slots=2)
+    decoder = _decoder(lm, 2)
     long, short = SamplingParams(max_new_tokens=30, ignore_eos=True), SamplingParams(max_new_tokens=2, ignore_eos=True)
     got, done_at = _run(decoder, {0: [("long", PROMPTS[0], long, 0), ("s1", PROMPTS[1], short, 1)],
                                   2: [("s2", PROMPTS[3], short, 2)]})
@@ -59,7 +64,7 @@ def test_a_short_sequence_is_not_held_back_and_frees_its_slot(lm):
 
 
 def test_cancel_frees_the_slot_and_bad_prompts_are_refused(lm):
-    decoder = SlotDecoder(*lm, slots=1)
+    decoder = _decoder(lm, 1)
     decoder.admit([("x", PROMPTS[0], SamplingParams(max_new_tokens=20, ignore_eos=True), 0)])
     assert decoder.free == 0 and decoder.cancel("x") and decoder.free == 1 and not decoder.cancel("x")
     with pytest.raises(ValueError, match="empty"):

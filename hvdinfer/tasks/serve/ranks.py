@@ -42,9 +42,11 @@ class RankLoop:
         self.admit_group = max(1, max_batch // 4)
         self.min_step_s = float(os.environ.get("HVDINFER_TEST_STEP_SECONDS", "0"))
         if served.kind == "generate":
-            from models.slots import SlotDecoder
+            from models.slots import GPTSlots, SlotDecoder
 
-            self.forward, self.decoder = None, SlotDecoder(served.model, served.tokenizer, max_batch)
+            # Under --pp/--tp the parallelised model's slot cache (every rank of a group computes it).
+            compute = served.runner.slot_cache(max_batch) if served.runner else GPTSlots(served.model, max_batch)
+            self.forward, self.decoder = None, SlotDecoder(compute, served.tokenizer)
             self._warm_up()
         else:
             self.forward, self.decoder = TextForward(served, max_batch), None

@@ -37,14 +37,14 @@ class Served:
     embedder: Any = None
     precision: str = "fp32"
     runner: Any = None
-    """Under --pp/--tp: the parallelised model (hvdinfer/parallel's EncoderRunner), instead of `model`."""
+    """Under --pp/--tp: the parallelised model (hvdinfer/parallel's EncoderRunner or DecoderRunner)."""
 
     def names(self) -> set[str]:
         return {self.name, str(self.model_dir), self.model_dir.name}
 
     def endpoints(self) -> set[str]:
-        if self.runner is not None:  # one parallelised forward: a classifier's gives class scores only
-            return {"classify"} if self.kind == "classify" else {"embeddings"}
+        if self.runner is not None and self.kind == "classify":  # one parallelised forward: class scores only
+            return {"classify"}
         return {"generate": {"completions", "chat"}, "embed": {"embeddings"},
                 "classify": {"embeddings", "classify"}}[self.kind]
 
@@ -67,8 +67,8 @@ def model_kind(model_dir: Path) -> str:
 
 
 def load(model: str, precision: str, parallel=None) -> Served:
-    """The model on this rank; under --pp/--tp (`parallel` enabled) sentence embedders and classifiers
-    are parallelised as `hvdinfer infer` does it, and traced on every rank of a group together."""
+    """The model on this rank; under --pp/--tp (`parallel` enabled) parallelised as `hvdinfer infer`
+    and `generate` do it (an embedder or classifier is traced here, on every rank of a group together)."""
     import tensorflow as tf
 
     from models import gpt_loading, loading
@@ -95,10 +95,10 @@ def load(model: str, precision: str, parallel=None) -> Served:
 def _load_parallel(name: str, model_dir: Path, kind: str, precision: str, parallel) -> Served:
     from hvdinfer.parallel import parallelize
 
-    if kind == "generate":
-        raise JobError(f"--model {model_dir}: --pp/--tp serve sentence embedders and classifiers; the server "
-                       f"decodes GPT-2-layout models on one device per rank (serve it without --pp/--tp, or run "
-                       f"`hvdinfer generate --pp/--tp` over a prompt file)")
+    if kind == "generate":  # its slot cache is made and traced by the rank loop (ranks.py)
+        runner, tokenizer, config = parallelize.load_gpt(model_dir, parallel)
+        return Served(name, model_dir, kind, runner.model, tokenizer, config.n_positions, precision=precision,
+                      runner=runner)
     runner, tokenizer, info = parallelize.load_embedder(model_dir, kind == "classify", parallel)
     runner.warm_up(tokenizer.pad_id)  # every rank of a group traces together, before any request
     labels = [str(label) for label in runner.labels] if kind == "classify" else None

@@ -3,7 +3,8 @@
 - Start: every rank loads the model and traces it (under the watchdog's quiet phase); the
   coordinator starts the router thread and uvicorn on its own thread and event loop, then runs its
   own rank loop on the main thread like every worker. Under --tp a group of ranks is one rank to the
-  router: its leader runs the rank loop over the leaders' link, the others repeat its forwards.
+  router: its leader runs the rank loop over the leaders' link, the others repeat its forwards (and a
+  decoder's prefills and steps).
 - Faults: the job engine's watchdog applies. A rank that dies or freezes is named by the
   coordinator's watchdog within --stall-timeout; before the job ends (exit code 3) every waiting
   request is answered 503, so none hangs. /healthz is 503 as soon as a rank is not heard.
@@ -64,7 +65,7 @@ class ServeConfig:
     shutdown_timeout: float = 30.0
     """On SIGTERM/SIGINT, how long in-flight requests may take to finish."""
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    """--pp/--tp for sentence embedders and classifiers: each tensor-parallel group serves as one rank."""
+    """--pp/--tp as in infer and generate: each tensor-parallel group serves as one rank."""
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -102,17 +103,19 @@ def run(cfg: ServeConfig, runtime_config: runtime.RuntimeConfig | None = None) -
         return runner.finish(engine.link, rt.rank, rt.size, None)
     # The router and the rank loops speak over the groups' leaders' link under --tp: a group is one rank.
     link, rank, size = (group.leaders, group.dp_rank, group.dims.dp) if group else (engine.link, rt.rank, rt.size)
-    with watchdog.quiet("tracing the model"):
-        if rt.is_coordinator:
-            from hvdinfer.tasks.serve.metrics import Metrics
-            from hvdinfer.tasks.serve.router import Router
-
-            metrics = Metrics()
-            router = Router(link, size, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue, metrics)
-            loop = ranks_mod.RankLoop(served, 0, cfg.max_batch, cfg.batching, router.rank0_receive, router.rank0_send)
-        else:
-            loop = ranks_mod.RankLoop(served, rank, cfg.max_batch, cfg.batching, *_worker_link(link))
+    # A group's leader traces inside leading(), so the others trace with it (a decoder's slot cache).
     with served.runner.leading() if group else contextlib.nullcontext():
+        with watchdog.quiet("tracing the model"):
+            if rt.is_coordinator:
+                from hvdinfer.tasks.serve.metrics import Metrics
+                from hvdinfer.tasks.serve.router import Router
+
+                metrics = Metrics()
+                router = Router(link, size, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue, metrics)
+                loop = ranks_mod.RankLoop(served, 0, cfg.max_batch, cfg.batching, router.rank0_receive,
+                                          router.rank0_send)
+            else:
+                loop = ranks_mod.RankLoop(served, rank, cfg.max_batch, cfg.batching, *_worker_link(link))
         if not rt.is_coordinator:
             loop.run()
             summary = None
