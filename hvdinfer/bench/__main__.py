@@ -2,6 +2,7 @@
 
     python -m hvdinfer.bench worker --mode M ...      one variant; prints its result as one JSON line
     python -m hvdinfer.bench worker --mode generate --spec JSON     bench generate's one-process side
+    python -m hvdinfer.bench worker --mode slot-steps --spec JSON   bench serve's decode-step costs
     python -m hvdinfer.bench worker --mode allreduce --methods M,... --sizes-mib 16,64   bench comm
     python -m hvdinfer.bench probe --out DIR -- ARGS  `hvdinfer ARGS` with phase timers (bench/probe.py)
 """
@@ -16,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hvdinfer.bench")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker")
-    w.add_argument("--mode", choices=["keras", "naive", "hvdinfer", "train", "keras-fit", "generate", "allreduce"],
+    w.add_argument("--mode", choices=["keras", "naive", "hvdinfer", "train", "keras-fit", "generate", "allreduce",
+                                       "slot-steps"],
                    required=True)
     w.add_argument("--threads", type=int, default=0, help="train: TF intra-op threads per rank")
     w.add_argument("--split-threads", action="store_true")
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--batch", type=int, default=32)
     w.add_argument("--seq", type=int, default=128)
     w.add_argument("--model-size", default="minilm-l6")
-    w.add_argument("--spec", default="{}", help="generate: the task and its settings, as JSON")
+    w.add_argument("--spec", default="{}", help="generate, slot-steps: the task and its settings, as JSON")
     w.add_argument("--compression", default="none", choices=["none", "fp16"], help="train: gradient compression")
     w.add_argument("--methods", default="hvd", help="allreduce: comma-separated methods (bench/comm.py)")
     w.add_argument("--sizes-mib", default="16", help="allreduce: comma-separated tensor sizes in MiB")
@@ -46,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from hvdinfer.bench import generate
 
         return generate.worker(args)
+    if args.mode == "slot-steps":
+        from hvdinfer.bench import serve
+
+        return serve.slot_steps_worker(args)
     if args.mode == "allreduce":
         from hvdinfer.bench import comm
 

@@ -22,7 +22,9 @@ as an error.
               (iteration-level) batching on 1 and --np ranks, and static batching (a group of
               sequences at a time) on --np ranks, for each mix; tokens/s = completion tokens / wall.
               The report adds each mix's ceiling for continuous over static batching: the inverse of
-              the share of a static group's slot-steps that decode (uniform 8..128: 1.79x; chat mix 2.78x).
+              the share of a static group's slot-steps that decode (uniform 8..128: 1.79x; chat mix 2.78x),
+              and the ceiling at this LM's decode-step costs, measured here with 1 and 16 sequences on
+              one rank's threads (a step that costs more with more sequences narrows the gap).
 """
 from __future__ import annotations
 
@@ -183,6 +185,55 @@ def static_share(lengths: np.ndarray, group: int, draws: int = 2000, seed: int =
     return float(lengths.mean() / rng.choice(lengths, size=(draws, group)).max(axis=1).mean())
 
 
+def continuous_ceiling(lengths: np.ndarray, group: int, fixed_s: float, per_row_s: float) -> float:
+    """Continuous over static batching at most, where a decode step of k sequences costs
+    fixed_s + k * per_row_s: a static group of `group` pays a step per token of its longest sequence,
+    continuous batching keeps every slot busy. per_row_s = 0 gives 1 / static_share."""
+    mean = float(lengths.mean())
+    longest = mean / static_share(lengths, group)
+    decoded = group * mean * per_row_s  # the per-row cost of every token, the same for both
+    return (longest * fixed_s + decoded) / (mean * fixed_s + decoded)
+
+
+def step_costs(lm: str, slots: int, threads: int) -> dict:
+    """A decode step's cost with 1 and with `slots` sequences (models/slots.py on one device, `threads`
+    TF threads as a rank of the server has), from a process of its own."""
+    from hvdinfer.bench import report
+
+    spec = json.dumps({"lm": lm, "slots": slots, "threads": threads})
+    return report.run_json("slot steps", report.worker_command(["--mode", "slot-steps", "--spec", spec]),
+                           report.bench_env(), 600)
+
+
+def slot_steps_worker(args) -> int:
+    """`python -m hvdinfer.bench worker --mode slot-steps --spec JSON`: prints the median step of 1 and of
+    all slots' sequences, in seconds, as one JSON line."""
+    spec = json.loads(args.spec)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from models import gpt_loading
+    from models.decoding import SamplingParams
+    from models.slots import GPTSlots, SlotDecoder
+
+    model, tokenizer, _ = gpt_loading.load_gpt(Path(spec["lm"]))
+    prompt = tokenizer.encode("Hello world, this is")
+    costs = {}
+    for rows in (1, spec["slots"]):
+        decoder = SlotDecoder(GPTSlots(model, spec["slots"]), tokenizer)
+        params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+        decoder.admit([(i, prompt, params, i) for i in range(rows)])
+        times = []
+        for _ in range(45):
+            start = time.perf_counter()
+            decoder.step()
+            times.append(time.perf_counter() - start)
+        costs[f"step_{rows}_s"] = float(np.median(times[5:]))
+    print(json.dumps(costs), flush=True)
+    return 0
+
+
 def completions_load(clients: int, requests: int, seed: int = 0, mix: str = "uniform"):
     rng = np.random.default_rng(seed)
     prompts = short_texts(clients * requests, seed + 1)
@@ -285,8 +336,13 @@ def bench_serve(np_: int, out: Path, clients: int = 64, requests: int = 500, bat
         / results[f"completions np{np_} static chat mix"]["tokens_per_s"],
     }
     rng = np.random.default_rng(0)
-    # The arithmetic ceilings of continuous over static batching for each mix (flat step cost).
-    ceilings = {mix: 1 / static_share(completion_lengths(100_000, mix, rng), SLOTS) for mix in MIXES}
+    lengths = {mix: completion_lengths(100_000, mix, rng) for mix in MIXES}
+    # The ceilings of continuous over static batching for each mix: if a step cost the same for 1 and
+    # for 16 sequences (the arithmetic one), and at this LM's measured step costs on one rank's threads.
+    ceilings = {mix: 1 / static_share(lengths[mix], SLOTS) for mix in MIXES}
+    steps = step_costs(lm, SLOTS, max(1, (os.cpu_count() or 1) // np_))
+    per_row = (steps[f"step_{SLOTS}_s"] - steps["step_1_s"]) / (SLOTS - 1)
+    costed = {mix: continuous_ceiling(lengths[mix], SLOTS, steps["step_1_s"] - per_row, per_row) for mix in MIXES}
     goals = {
         "embeddings served >= 0.8x offline": report_mod.goal(ratios[f"embeddings served/offline np{np_}"], ">=", 0.8),
         "embeddings batched >= 5x max-batch 1": report_mod.goal(ratios["embeddings batched vs max-batch 1"], ">=", 5),
@@ -299,10 +355,14 @@ def bench_serve(np_: int, out: Path, clients: int = 64, requests: int = 500, bat
               "batch1_requests_per_client": batch1_requests, "completion_requests_per_client": completion_requests,
               "embed_model": embed_model, "lm": LM_CONFIG if lm_model is None else lm_model,
               "cores": os.cpu_count(), **report_mod.machine(), "load_average_1m": [load_before, os.getloadavg()[0]],
-              "results": results, "ratios": ratios, "goals": goals, "continuous_over_static_ceiling": ceilings}
+              "results": results, "ratios": ratios, "goals": goals, "continuous_over_static_ceiling": ceilings,
+              "slot_step_s": steps, "continuous_over_static_ceiling_at_step_costs": costed}
     report_mod.print_ratios(ratios, 36)
     print("  continuous/static ceiling if a step cost the same for 1 and 16 rows: "
           + ", ".join(f"{mix} mix {c:.2f}x" for mix, c in ceilings.items()), flush=True)
+    print(f"  a decode step here: {steps['step_1_s'] * 1000:.1f} ms for 1 sequence, "
+          f"{steps[f'step_{SLOTS}_s'] * 1000:.1f} ms for {SLOTS}; continuous/static ceiling at these costs: "
+          + ", ".join(f"{mix} mix {c:.2f}x" for mix, c in costed.items()), flush=True)
     report_mod.write_report(report, out, "serve", plot_serve)
     return report
 

@@ -212,6 +212,12 @@ def test_completion_mixes_and_the_ceiling_of_continuous_over_static_batching():
     # 8..128 in groups of 16: the longest is about 121 against a mean of 68.
     assert 1 / serve.static_share(uniform, 16) == pytest.approx(1.79, abs=0.03)
     assert 1 / serve.static_share(chat, 16) > 2.5
+    # At step costs: a flat step gives the arithmetic ceiling, a step that is all per-row cost gives none.
+    assert serve.continuous_ceiling(chat, 16, 1.0, 0.0) == pytest.approx(1 / serve.static_share(chat, 16))
+    assert serve.continuous_ceiling(chat, 16, 0.0, 1.0) == pytest.approx(1.0)
+    # Lengths 10 and 30 in groups of 64 (the longest is 30, the mean 20), a step 2 + 0.5 per row: static
+    # 30 steps x 2 + 64 x 20 tokens x 0.5 = 700, continuous 20 x 2 + 640 = 680.
+    assert serve.continuous_ceiling(np.array([10, 30]), 64, 2.0, 0.5) == pytest.approx(700 / 680)
     loads = serve.completions_load(2, 3, mix="chat")
     assert [len(c) for c in loads] == [3, 3]
     asked = [json.loads(body)["max_tokens"] for c in loads for _, body in c]
