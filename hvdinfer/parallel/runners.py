@@ -4,6 +4,7 @@ with its stage, and a tensor-parallel group's leader and followers.
 A runner holds a model built by `parallelize` and offers what the tasks call on a plain model:
 
     EncoderRunner.forward(input_ids, attention_mask)  embeddings, or class probabilities (infer)
+    EncoderRunner.embed(input_ids, attention_mask)    embeddings, a classifier's too (serve)
     EncoderRunner.outputs(inputs, training)           the same math for training (PipelineModel.call)
     DecoderRunner.new_cache / prefill / decode_step / last_logits   what models/decoding calls on a GPT
     DecoderRunner.slot_cache(slots)                   what models/slots.SlotDecoder drives (the server)
@@ -103,25 +104,39 @@ class EncoderRunner(_Runner):
         self.embedder = getattr(model, "embedder", model)
         spec = tf.TensorSpec([None, None], tf.int32)
         self._graph = tf.function(self._forward_graph, input_signature=[spec, spec])
+        # A classifier's sentence embeddings: its encoder's pooled output, without the head.
+        self._embed_graph = self._graph if self.labels is None else tf.function(
+            lambda ids, mask: self.outputs({"input_ids": ids, "attention_mask": mask}, head=False),
+            input_signature=[spec, spec])
 
     def forward(self, input_ids, attention_mask) -> tf.Tensor:
         """Embeddings (batch, hidden), or class probabilities (batch, labels) for a classifier."""
         return self._call("forward", np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32))
 
+    def embed(self, input_ids, attention_mask) -> tf.Tensor:
+        """Sentence embeddings (batch, hidden), a classifier's too."""
+        return self._call("embed", np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32))
+
     def warm_up(self, pad_id: int = 0) -> None:
-        """Trace the forward once; every rank of a group at the same time."""
+        """Trace the forward (and a classifier's embeddings) once; every rank of a group at the same time."""
         ids = np.full((1, 8), pad_id, np.int32)
         self._forward(ids, np.ones_like(ids))
+        if self._embed_graph is not self._graph:
+            self._embed(ids, np.ones_like(ids))
 
     def _forward(self, input_ids, attention_mask):
         return self._graph(input_ids, attention_mask)
+
+    def _embed(self, input_ids, attention_mask):
+        return self._embed_graph(input_ids, attention_mask)
 
     def _forward_graph(self, input_ids, attention_mask):
         out = self.outputs({"input_ids": input_ids, "attention_mask": attention_mask}, training=False)
         return tf.nn.softmax(out, axis=-1) if self.labels is not None else out
 
-    def outputs(self, inputs: dict, training: bool = False) -> tf.Tensor:
-        """The model's outputs (a classifier's logits), stage by stage, micro-batch by micro-batch."""
+    def outputs(self, inputs: dict, training: bool = False, head: bool = True) -> tf.Tensor:
+        """The model's outputs (a classifier's logits; its pooled embeddings with head=False), stage by
+        stage, micro-batch by micro-batch."""
         from models import bert
 
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -141,7 +156,7 @@ class EncoderRunner(_Runner):
             with self.device("pool"):
                 pooled.append(self.embedder.pool(x, mask))
         pooled = pooled[0] if count == 1 else tf.concat(pooled, axis=0)
-        if self.labels is None:
+        if self.labels is None or not head:
             return pooled
         with self.device("dropout"):
             pooled = self.model.dropout(pooled, training=training)

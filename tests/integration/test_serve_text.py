@@ -94,10 +94,11 @@ def test_an_idle_server_leaves_the_cores_alone(server):
 
 
 @pytest.mark.parametrize("flags", [("--tp", "2"), ("--pp", "2", "--micro-batches", "2")], ids=["tp2", "pp2"])
-def test_a_model_parallel_server_classifies_as_hvdinfer_infer(tmp_path, classifier_dir, offline, texts,  # noqa: F811
-                                                              flags):
+def test_a_model_parallel_server_classifies_and_embeds_as_hvdinfer_infer(tmp_path, classifier_dir, offline,  # noqa: F811
+                                                                         texts, flags):  # noqa: F811
     """--tp 2: both ranks are one group, the leader serving and the other repeating its forwards;
-    --pp 2: each of the two ranks runs the model as two stages on two devices."""
+    --pp 2: each of the two ranks runs the model as two stages on two devices. Class scores and
+    embeddings both equal infer's."""
     server = Server(tmp_path, classifier_dir, 2, "--max-batch", "4", *flags)
     try:
         server.wait_ready()
@@ -110,7 +111,8 @@ def test_a_model_parallel_server_classifies_as_hvdinfer_infer(tmp_path, classifi
         got = np.array([d["probs"] for _, _, body in answers[:2] for d in body["data"]])
         want = np.array([[row["scores"][label] for label in LABELS] for row in offline["classify"]])
         np.testing.assert_allclose(got, want, atol=1e-5)
-        status, _, body = raw(server, "POST", "/v1/embeddings", {"model": "m", "input": "a"})
-        assert status == 400 and "/v1/classify" in body["error"]["message"]
+        embedded = server.client(api_key="unused").embeddings.create(model="m", input=texts, encoding_format="float")
+        np.testing.assert_allclose([d.embedding for d in embedded.data],
+                                   [row["embedding"] for row in offline["embed"]], atol=1e-5)
     finally:
         server.close()

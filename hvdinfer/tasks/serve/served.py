@@ -43,8 +43,6 @@ class Served:
         return {self.name, str(self.model_dir), self.model_dir.name}
 
     def endpoints(self) -> set[str]:
-        if self.runner is not None and self.kind == "classify":  # one parallelised forward: class scores only
-            return {"classify"}
         return {"generate": {"completions", "chat"}, "embed": {"embeddings"},
                 "classify": {"embeddings", "classify"}}[self.kind]
 
@@ -126,7 +124,9 @@ class TextForward:
         self.served, self.batch_size = served, min(batch_size, SUB_BATCH_PER_THREAD * threads)
         self.pad_multiple = batching.pad_multiple(served.precision)
         if served.runner is not None:  # traced when loaded
-            self.forwards = {"classify" if served.kind == "classify" else "embed": served.runner.forward}
+            self.forwards = {"embed": served.runner.embed}
+            if served.kind == "classify":
+                self.forwards["classify"] = served.runner.forward
             return
         self.forwards = {"embed": infer.compiled_forward(served.embedder)}
         if served.kind == "classify":
