@@ -102,43 +102,50 @@ def test_npy_output_and_plain_text_input(tmp_path, model_dir, texts):
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), reference(model_dir, texts), atol=1e-5)
 
 
+# One input per format, record 0 good ("the cat"), the rest bad; the JSONL one holds every bad kind.
 BAD_INPUTS = [
-    # name, file name, content, expected message (format with {path})
-    ("malformed json", "in.jsonl", b'{"text": "the cat"}\n{"text": "a dog"\n', "{path}:2: malformed JSON"),
-    ("missing field", "in.jsonl", b'{"text": "the cat"}\n{"body": "a dog"}\n', "{path}:2: field 'text': missing"),
-    ("empty text", "in.csv", b'id,text\n1,the cat\n2,"  "\n', "{path}:3: field 'text': empty text"),
-    ("invalid utf-8", "in.txt", b"the cat\n\xff\xfe dog\n", "{path}:2: invalid UTF-8"),
+    # format, file name, content, each bad record's id (the record index, or the CSV id column) and
+    # message (format with {path}), in file order
+    ("jsonl", "in.jsonl",
+     b'{"text": "the cat"}\n{"text": "a dog"\n{"body": "a dog"}\n{"text": "  "}\n{"text": "\xff\xfe dog"}\n',
+     [(1, "{path}:2: malformed JSON"), (2, "{path}:3: field 'text': missing"),
+      (3, "{path}:4: field 'text': empty text"), (4, "{path}:5: invalid UTF-8")]),
+    ("csv", "in.csv", b'id,text\n1,the cat\n2,"  "\n', [("2", "{path}:3: field 'text': empty text")]),
+    ("text", "in.txt", b"the cat\n\xff\xfe dog\n", [(1, "{path}:2: invalid UTF-8")]),
 ]
 
 
-@pytest.mark.parametrize("name, filename, content, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_record_fails_the_job_with_file_line_field_and_no_output(tmp_path, model_dir, name, filename,
-                                                                      content, message):
+def test_bad_records_fail_the_job_naming_the_first_with_file_line_field_and_no_output(tmp_path, model_dir):
+    # One check for every format: the first bad record named, the others counted. Each format's
+    # messages are the skip test's below (the same text).
+    _, filename, content, bad = BAD_INPUTS[0]
     src = tmp_path / filename
     src.write_bytes(content)
     out = tmp_path / "out.jsonl"
     proc = infer(2, "--model", model_dir, "--input", src, "--output", out)
     assert proc.returncode != 0
     assert proc.seconds < 30
-    expected = "hvdinfer: error: " + message.format(path=src)
+    expected = "hvdinfer: error: " + bad[0][1].format(path=src)
     assert proc.all.count(expected) == 1, proc.all
+    assert f"(and {len(bad) - 1} more bad records; --on-error skip keeps going)" in proc.all, proc.all
     assert "Traceback" not in proc.all
     assert not out.exists() and list(tmp_path.iterdir()) == [src]
 
 
-@pytest.mark.parametrize("name, filename, content, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_skip_keeps_bad_records_in_place_and_computes_the_rest(tmp_path, model_dir, name, filename, content, message):
+@pytest.mark.parametrize("name, filename, content, bad", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_skip_keeps_bad_records_in_place_and_computes_the_rest(tmp_path, model_dir, name, filename, content, bad):
     src = tmp_path / filename
     src.write_bytes(content)
     out = tmp_path / "out.jsonl"
     proc = infer(2, "--model", model_dir, "--input", src, "--output", out, "--on-error", "skip")
     assert proc.returncode == 0, proc.all
     rows = read_jsonl(out)
-    assert len(rows) == 2
-    assert "embedding" in rows[0] and rows[1]["error"].startswith(message.format(path=src))
-    assert rows[1]["id"] in (1, "2")  # the record index, or the CSV id column
+    assert len(rows) == 1 + len(bad)
+    assert "embedding" in rows[0]
     np.testing.assert_allclose(rows[0]["embedding"], reference(model_dir, ["the cat"])[0], atol=1e-5)
-    assert "ok 1, skipped 1, truncated 0" in proc.stdout
+    for row, (id_, message) in zip(rows[1:], bad):
+        assert row["id"] == id_ and row["error"].startswith(message.format(path=src)), row
+    assert f"ok 1, skipped {len(bad)}, truncated 0" in proc.stdout
 
 
 def test_missing_input_file_and_unreadable_model(tmp_path, model_dir, good_input):
