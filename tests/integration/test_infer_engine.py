@@ -1,6 +1,6 @@
 """`hvdinfer infer` on the job engine, under mpirun, on a generated debug-size model: the same bytes
-for any schedule and number of ranks, resume after kill -9 and after a stuck rank, a corrupt chunk
-recomputed, a different job refused, compressed input, Parquet, progress lines."""
+for any schedule and number of ranks and for compressed input, resume after kill -9 and after a stuck
+rank, a corrupt chunk recomputed, a different job refused, .npy and Parquet, progress lines."""
 import gzip
 import json
 import os
@@ -45,40 +45,42 @@ def reference(tmp_path_factory, model_dir, source):
     return out.read_bytes()
 
 
-def test_any_schedule_and_any_number_of_ranks_writes_the_same_bytes(tmp_path, model_dir, source, reference):
+def embeddings(reference: bytes) -> np.ndarray:
+    """The reference's embeddings as .npy and Parquet hold them: NaN for a skipped record."""
     rows = [json.loads(line) for line in reference.decode().splitlines()]
-    assert len(rows) == RECORDS and rows[5]["error"].endswith("field 'text': empty text")
-    assert [r["id"] for r in rows[:4]] == ["s0", 1, 2, "s3"]
-    for np_, schedule in ((2, "dynamic"), (2, "static"), (3, "dynamic")):
-        out = tmp_path / f"{np_}-{schedule}.jsonl"
-        proc = infer(np_, *common(model_dir, source, out), "--schedule", schedule)
-        assert proc.returncode == 0, proc.all
-        assert out.read_bytes() == reference, f"np {np_} {schedule} differs from 1 rank"
+    return np.array([r.get("embedding", [np.nan] * 32) for r in rows], np.float32)
 
 
-def test_npy_and_parquet_hold_the_same_embeddings(tmp_path, model_dir, source, reference):
-    rows = [json.loads(line) for line in reference.decode().splitlines()]
-    want = np.array([r.get("embedding", [np.nan] * 32) for r in rows], np.float32)
-    npy, parquet = tmp_path / "e.npy", tmp_path / "e.parquet"
-    for out in (npy, parquet):
-        proc = infer(2, *common(model_dir, source, out))
-        assert proc.returncode == 0, proc.all
-    np.testing.assert_array_equal(np.load(npy), want)
-    table = pq.read_table(parquet)
+def check_parquet(path: Path, reference: bytes) -> None:
+    table = pq.read_table(path)
     assert table.column("index").to_pylist() == list(range(RECORDS))
     assert table.column("id").to_pylist()[:3] == ["s0", "1", "2"]
-    np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), want)
+    np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
+                                  embeddings(reference))
     assert table.column("error").to_pylist()[5].endswith("empty text")
 
 
-def test_gzip_input_gives_the_same_output(tmp_path, model_dir, source, reference):
+def test_any_schedule_ranks_and_compression_write_the_same_bytes(tmp_path, model_dir, source, reference):
+    rows = [json.loads(line) for line in reference.decode().splitlines()]
+    assert len(rows) == RECORDS and rows[5]["error"].endswith("field 'text': empty text")
+    assert [r["id"] for r in rows[:4]] == ["s0", 1, 2, "s3"]
     packed = tmp_path / "in.jsonl.gz"
     packed.write_bytes(gzip.compress(source.read_bytes()))
-    out = tmp_path / "gz.jsonl"
-    proc = infer(2, *common(model_dir, packed, out))
+    for np_, schedule, src in ((2, "dynamic", packed), (2, "static", source), (3, "dynamic", source)):
+        out = tmp_path / f"{np_}-{schedule}-{src.name}.jsonl"
+        proc = infer(np_, *common(model_dir, src, out), "--schedule", schedule)
+        assert proc.returncode == 0, proc.all
+        # Error rows name the input as given.
+        want = reference.replace(str(source).encode(), str(src).encode())
+        assert out.read_bytes() == want, f"np {np_} {schedule} {src.name} differs from 1 rank"
+
+
+def test_npy_holds_the_same_embeddings(tmp_path, model_dir, source, reference):
+    # Parquet: the resume after a stopped rank writes it.
+    out = tmp_path / "e.npy"
+    proc = infer(2, *common(model_dir, source, out))
     assert proc.returncode == 0, proc.all
-    # Error rows name the input as given.
-    assert out.read_bytes() == reference.replace(str(source).encode(), str(packed).encode())
+    np.testing.assert_array_equal(np.load(out), embeddings(reference))
 
 
 def _wait_for_chunks(parts: Path, count: int, proc, deadline_s: float = 90) -> None:
@@ -98,7 +100,8 @@ def _rank_pid(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} under pid {launcher_pid}")
 
 
-def test_kill_9_of_a_rank_then_resume_gives_the_same_bytes(tmp_path, model_dir, source, reference):
+def test_kill_9_of_a_rank_then_a_resume_recomputes_corrupt_chunks_and_gives_the_same_bytes(tmp_path, model_dir,
+                                                                                          source, reference):
     out = tmp_path / "k.jsonl"
     parts = Path(str(out) + ".parts")
     slow = dict(ENV, HVDINFER_TEST_CHUNK_SECONDS="0.7")
@@ -114,40 +117,25 @@ def test_kill_9_of_a_rank_then_resume_gives_the_same_bytes(tmp_path, model_dir, 
     refused = infer(2, *common(model_dir, source, out))
     assert refused.returncode != 0 and "--resume" in refused.all and f"{finished} finished chunk" in refused.all
 
-    resumed = infer(2, *common(model_dir, source, out), "--resume", "--metrics-json", tmp_path / "m.json")
-    assert resumed.returncode == 0, resumed.all
-    assert out.read_bytes() == reference
-    metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["chunks_computed"] == metrics["chunks"] - finished
-
-
-def test_a_corrupt_chunk_is_recomputed_and_a_different_job_refused(tmp_path, model_dir, source, reference):
-    out = tmp_path / "c.jsonl"
-    parts = Path(str(out) + ".parts")
-    proc = subprocess.Popen(infer_cmd(2, *common(model_dir, source, out)), env=dict(ENV, HVDINFER_TEST_CHUNK_SECONDS="0.7"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_chunks(parts, 4, proc)
-    proc.kill()  # kill -9 of mpirun itself
-    proc.wait(timeout=30)
-    time.sleep(2)  # orphaned ranks (if any) notice their launcher is gone
     chunk_files = sorted(parts.glob("chunk-*.npz"))
     chunk_files[0].write_bytes(chunk_files[0].read_bytes()[:-10])  # truncated
     data = bytearray(chunk_files[1].read_bytes())
     data[100] ^= 0x55
     chunk_files[1].write_bytes(bytes(data))  # corrupted
-
     other = infer(2, *common(model_dir, source, out), "--batch-size", 8, "--resume")
     assert other.returncode != 0
     assert "belongs to a different job" in other.all and "batch_size: journal has 16, this run has 8" in other.all
 
-    resumed = infer(2, *common(model_dir, source, out), "--resume")
+    resumed = infer(2, *common(model_dir, source, out), "--resume", "--metrics-json", tmp_path / "m.json")
     assert resumed.returncode == 0, resumed.all
     assert "2 corrupt or duplicate chunk file(s) deleted" in resumed.all
     assert out.read_bytes() == reference
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["chunks_computed"] == metrics["chunks"] - finished + 2  # the 2 damaged ones again
 
 
 def test_a_stopped_rank_ends_the_job_in_time_naming_it_and_resume_finishes(tmp_path, model_dir, source, reference):
-    out = tmp_path / "s.jsonl"
+    out = tmp_path / "s.parquet"
     parts = Path(str(out) + ".parts")
     timeout = 6
     proc = subprocess.Popen(infer_cmd(2, *common(model_dir, source, out), "--stall-timeout", timeout,
@@ -173,4 +161,4 @@ def test_a_stopped_rank_ends_the_job_in_time_naming_it_and_resume_finishes(tmp_p
 
     resumed = infer(2, *common(model_dir, source, out), "--resume")
     assert resumed.returncode == 0, resumed.all
-    assert out.read_bytes() == reference
+    check_parquet(out, reference)
