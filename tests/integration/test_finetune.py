@@ -247,15 +247,23 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("name, train_rows, eval_rows, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_fails_before_training_with_one_message(tmp_path, base, data, name, train_rows, eval_rows,
-                                                          message):
+LAUNCHED = ("label missing", "missing train file")  # a bad record and a bad file, under mpirun
+
+
+def write_bad_input(tmp_path, data, train_rows, eval_rows):
     train = tmp_path / "train.jsonl"
     if isinstance(train_rows, str):
         train.write_text(train_rows)
     elif train_rows is not None:
         write_jsonl(train, train_rows)
-    eval_ = write_jsonl(tmp_path / "eval.jsonl", eval_rows) if eval_rows else data["eval"]
+    return train, write_jsonl(tmp_path / "eval.jsonl", eval_rows) if eval_rows else data["eval"]
+
+
+@pytest.mark.parametrize("name, train_rows, eval_rows, message", [b for b in BAD_INPUTS if b[0] in LAUNCHED],
+                         ids=LAUNCHED)
+def test_bad_input_fails_before_training_with_one_message(tmp_path, base, data, name, train_rows, eval_rows,
+                                                          message):
+    train, eval_ = write_bad_input(tmp_path, data, train_rows, eval_rows)
     out = tmp_path / "out"
     proc = finetune(2, base, train, eval_, out, "--epochs", 1, timeout=60)
     assert proc.returncode != 0
@@ -264,6 +272,19 @@ def test_bad_input_fails_before_training_with_one_message(tmp_path, base, data, 
     assert proc.all.count(expected) == 1, proc.all
     assert proc.all.count("hvdinfer: error:") == 1 and "Traceback" not in proc.all
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name, train_rows, eval_rows, message", [b for b in BAD_INPUTS if b[0] not in LAUNCHED],
+                         ids=[b[0] for b in BAD_INPUTS if b[0] not in LAUNCHED])
+def test_other_bad_input_is_refused_by_the_same_check(tmp_path, data, name, train_rows, eval_rows, message):
+    # load_data, where the launched cases above end the job before training: the same one message.
+    from hvdinfer.runtime import JobError
+    from hvdinfer.tasks.finetune import FinetuneConfig, load_data
+
+    train, eval_ = write_bad_input(tmp_path, data, train_rows, eval_rows)
+    with pytest.raises(JobError) as info:
+        load_data(FinetuneConfig(model="unused", train=train, eval=eval_, output_dir=tmp_path / "out"))
+    assert str(info.value) == message.format(train=train, eval=eval_)
 
 
 def test_resume_on_another_number_of_ranks_is_refused(tmp_path, base, data, straight):
