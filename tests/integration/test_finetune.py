@@ -4,6 +4,7 @@ output as a model directory for `infer --task classify`, and bad input failing b
 
 Every text pads to the same 8 tokens (batching pads to a multiple of 8), so `fit` traces once and
 each run takes seconds."""
+import dataclasses
 import json
 import os
 import shutil
@@ -92,23 +93,44 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, base, data):
-    """2 epochs on 2 ranks in one go."""
+    """3 epochs on 2 ranks in one go."""
     out = tmp_path_factory.mktemp("straight") / "out"
-    proc = finetune(2, base, data["train"], data["eval"], out, "--epochs", 2)
+    proc = finetune(2, base, data["train"], data["eval"], out, "--epochs", 3)
     assert proc.returncode == 0, proc.all
     return out
 
 
+CRASH = "HVDINFER_TEST_EXIT_AFTER_CHECKPOINT"  # the coordinator exits right after its k-th checkpoint
+
+
+@dataclasses.dataclass
+class Resumed:
+    out: Path
+    first: list
+    """The 1-epoch run's metrics."""
+    crashed: subprocess.CompletedProcess
+    left: tuple
+    """(checkpoints, metrics epochs) the crashed run left."""
+    last: subprocess.CompletedProcess
+
+
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, base, data):
-    """1 epoch on 2 ranks, then --resume up to 2 epochs: (output dir, epoch-1 metrics, resumed run)."""
+    """1 epoch on 2 ranks; that finished run extended by --resume to 3 epochs with --checkpoint-every 2
+    and crashed right after its first checkpoint; --resume again to the end.
+
+    24 records, batch 4, 2 ranks: 3 steps an epoch, 9 in all. --checkpoint-every 2 checkpoints at
+    step 4 (mid epoch 2), 6 (end of epoch 2), 8 (mid epoch 3) and 9 (end of epoch 3)."""
     out = tmp_path_factory.mktemp("resumed") / "out"
     proc = finetune(2, base, data["train"], data["eval"], out, "--epochs", 1)
     assert proc.returncode == 0, proc.all
     first = read_metrics(out)["epochs"]
-    proc = finetune(2, base, data["train"], data["eval"], out, "--epochs", 2, "--resume")
-    assert proc.returncode == 0, proc.all
-    return out, first, proc
+    args = ("--epochs", 3, "--checkpoint-every", 2, "--resume")
+    crashed = finetune(2, base, data["train"], data["eval"], out, *args, env={CRASH: "1"})
+    left = checkpoints(out), read_metrics(out)["epochs"]
+    last = finetune(2, base, data["train"], data["eval"], out, *args)
+    assert last.returncode == 0, last.all
+    return Resumed(out, first, crashed, left, last)
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +151,11 @@ def classify(model_dir, texts):
 
 
 def test_resume_continues_exactly_where_a_straight_run_would_be(straight, resumed, data):
-    out, first, proc = resumed
-    assert "resumed from" in proc.stderr and "epoch-0001" in proc.stderr, proc.all
+    out = resumed.out
+    assert f"resumed from {out / 'checkpoints' / 'epoch-0001'}" in resumed.crashed.stderr, resumed.crashed.stderr
     metrics = read_metrics(out)
-    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    assert metrics["epochs"][0] == first[0]  # the first run's history is kept, not recomputed
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    assert metrics["epochs"][0] == resumed.first[0]  # the first run's history is kept, not recomputed
     for name in ("model.safetensors", "classifier.safetensors"):
         want, got = safetensors.numpy.load_file(str(straight / name)), safetensors.numpy.load_file(str(out / name))
         assert sorted(got) == sorted(want)
@@ -142,7 +164,7 @@ def test_resume_continues_exactly_where_a_straight_run_would_be(straight, resume
     texts = [r["text"] for r in read_jsonl(data["eval"])]
     np.testing.assert_allclose(classify(out, texts), classify(straight, texts), atol=1e-5, rtol=0)
     for path in (straight, out):
-        assert json.loads((path / "checkpoints" / "epoch-0002" / "state.json").read_text())["step"] == 6
+        assert json.loads((path / "checkpoints" / "epoch-0003" / "state.json").read_text())["step"] == 9
 
 
 def checkpoints(out):
@@ -154,40 +176,34 @@ def checkpoint_variables(path):
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
-def test_a_run_killed_after_a_mid_epoch_checkpoint_resumes_to_the_straight_runs_weights(tmp_path, base, data,
-                                                                                        straight):
-    # 24 records, batch 4, 2 ranks: 3 steps an epoch, 6 in all. --checkpoint-every 2 checkpoints at
-    # step 2 (mid epoch 1), 3 (end of epoch 1), 4 (mid epoch 2) and 6 (end of epoch 2).
-    out, args = tmp_path / "out", ("--epochs", 2, "--checkpoint-every", 2)
-    crash = "HVDINFER_TEST_EXIT_AFTER_CHECKPOINT"  # the coordinator exits right after its k-th checkpoint
-    proc = finetune(2, base, data["train"], data["eval"], out, *args, env={crash: "1"})
-    assert proc.returncode != 0 and f"{crash}=1: exiting after writing" in proc.stderr, proc.all
-    assert checkpoints(out) == ["step-00000002"] and not (out / "metrics.json").exists()
-    # Resumed 2 steps into epoch 1: its last step and evaluation, then all of epoch 2.
-    proc = finetune(2, base, data["train"], data["eval"], out, *args, "--resume")
-    assert proc.returncode == 0, proc.all
-    assert f"resumed from {out / 'checkpoints' / 'step-00000002'} (0 of 2 epochs done, then 2 step(s))" in proc.stderr
-    assert "checkpoint step-00000004: step 1 of epoch 2" in proc.stderr
-    assert "progress: 6/6 steps (100.0%)" in proc.stderr, proc.all  # the run's steps, the resumed 2 included
-    assert checkpoints(out) == ["epoch-0001", "epoch-0002"]  # an epoch checkpoint makes mid-epoch ones stale
+def test_a_run_killed_after_a_mid_epoch_checkpoint_resumes_to_the_straight_runs_weights(straight, resumed):
+    out, crashed, last = resumed.out, resumed.crashed, resumed.last
+    assert crashed.returncode != 0 and f"{CRASH}=1: exiting after writing" in crashed.stderr, crashed.all
+    assert "checkpoint step-00000004: step 1 of epoch 2" in crashed.stderr
+    assert resumed.left == (["epoch-0001", "step-00000004"], resumed.first)  # nothing of epoch 2 recorded
+    # Resumed 1 step into epoch 2: its last 2 steps and evaluation, then all of epoch 3.
+    assert f"resumed from {out / 'checkpoints' / 'step-00000004'} (1 of 3 epochs done, then 1 step(s))" in last.stderr
+    assert "checkpoint step-00000008: step 2 of epoch 3" in last.stderr
+    assert "progress: 9/9 steps (100.0%)" in last.stderr, last.all  # the run's steps, the resumed 4 included
+    assert checkpoints(out) == ["epoch-0001", "epoch-0002", "epoch-0003"]  # epoch checkpoints make mid-epoch ones stale
     for name in ("model.safetensors", "classifier.safetensors"):
         want, got = safetensors.numpy.load_file(str(straight / name)), safetensors.numpy.load_file(str(out / name))
         assert sorted(got) == sorted(want)
         for key in want:
             diff = np.abs(got[key] - want[key]).max()
             assert np.array_equal(got[key], want[key]), f"{name}: {key}: max |diff| {diff}"
-    # Bitwise the same optimizer state, step and dropout counter too, at both epoch ends.
-    for epoch in ("epoch-0001", "epoch-0002"):
+    # Bitwise the same optimizer state, step and dropout counter too, at every epoch end.
+    for epoch in ("epoch-0001", "epoch-0002", "epoch-0003"):
         want = checkpoint_variables(straight / "checkpoints" / epoch)
         got = checkpoint_variables(out / "checkpoints" / epoch)
         assert sorted(got) == sorted(want)
         for key in want:
             assert np.array_equal(got[key], want[key]), f"{epoch}: {key}"
-    resumed, whole = read_metrics(out)["epochs"], read_metrics(straight)["epochs"]
-    assert [e["eval"] for e in resumed] == [e["eval"] for e in whole]
-    # The resumed epoch's train loss is Keras' mean over the one step trained after the resume.
-    assert [e["train_steps"] for e in resumed] == [1, 3] and [e["train_steps"] for e in whole] == [3, 3]
-    assert resumed[1]["train_loss"] == whole[1]["train_loss"]
+    epochs, whole = read_metrics(out)["epochs"], read_metrics(straight)["epochs"]
+    assert [e["eval"] for e in epochs] == [e["eval"] for e in whole]
+    # The resumed epoch's train loss is Keras' mean over the 2 steps trained after the resume.
+    assert [e["train_steps"] for e in epochs] == [3, 2, 3] and [e["train_steps"] for e in whole] == [3, 3, 3]
+    assert epochs[2]["train_loss"] == whole[2]["train_loss"]
 
 
 def test_evaluation_counts_every_eval_record_once_across_ranks(straight, predictions, data):
@@ -211,7 +227,7 @@ def test_evaluation_counts_every_eval_record_once_across_ranks(straight, predict
 def test_output_dir_is_a_classifier_model_directory(straight, predictions):
     for name in ("config.json", "tokenizer.json", "model.safetensors", "classifier.json", "classifier.safetensors"):
         assert (straight / name).is_file(), name
-    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002", "epoch-0003"]
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((straight / "classifier.json").read_text())["labels"] == LABELS
     assert [r["id"] for r in predictions] == list(range(21))
@@ -291,13 +307,13 @@ def test_resume_on_another_number_of_ranks_is_refused(tmp_path, base, data, stra
     out = tmp_path / "out"
     shutil.copytree(straight / "checkpoints", out / "checkpoints")
     shutil.copy2(straight / "metrics.json", out / "metrics.json")
-    proc = finetune(1, base, data["train"], data["eval"], out, "--epochs", 3, "--resume", timeout=60)
+    proc = finetune(1, base, data["train"], data["eval"], out, "--epochs", 4, "--resume", timeout=60)
     assert proc.returncode != 0
     line = [l for l in proc.all.splitlines() if l.startswith("hvdinfer: error: --resume:")]
     assert len(line) == 1, proc.all
-    assert f"{out / 'checkpoints' / 'epoch-0002'} was written with" in line[0]
+    assert f"{out / 'checkpoints' / 'epoch-0003'} was written with" in line[0]
     assert "size was 2, now 1" in line[0]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002", "epoch-0003"]
 
 
 def test_max_length_beyond_the_models_positions_fails_before_training(tmp_path, base, data):
