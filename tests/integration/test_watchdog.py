@@ -7,6 +7,7 @@ import textwrap
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", TF_CPP_MIN_LOG_LEVEL="2")
 
 EARLY_EXIT = textwrap.dedent("""
+    import sys
     import time
     from hvdinfer.engine import job, watchdog
     engine = job.start(stall_timeout=2)
@@ -14,7 +15,8 @@ EARLY_EXIT = textwrap.dedent("""
         for step in range(14):
             watchdog.beat(f"step {step}")
             time.sleep(0.5)
-    print("rank", engine.rt.rank, "done", flush=True)
+    # One write a line: unbuffered (PYTHONUNBUFFERED, as make test runs), print writes each piece on its own.
+    sys.stdout.write(f"rank {engine.rt.rank} done\\n")
 """)
 
 
